@@ -1,0 +1,147 @@
+"""Model configurations: frozen dataclasses mirroring the official `build_sam.py` builders.
+
+`vit_b`, `vit_l` and `vit_h` differ only in encoder width, depth, heads and the indexes of the
+global-attention blocks, exactly as `build_sam_vit_{b,l,h}`; `tiny` shrinks everything for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+    img_size: int = 1024
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    out_chans: int = 256
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 14
+    global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEncoderConfig:
+    embed_dim: int = 256
+    mask_in_chans: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskDecoderConfig:
+    transformer_dim: int = 256
+    transformer_depth: int = 2
+    transformer_num_heads: int = 8
+    transformer_mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+    """Whole-model configuration. `compute_dtype` is used for matmuls and convolutions only;
+    parameters stay float32, layer norms and softmaxes run in float32."""
+
+    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    prompt_encoder: PromptEncoderConfig = PromptEncoderConfig()
+    mask_decoder: MaskDecoderConfig = MaskDecoderConfig()
+    pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+    mask_threshold: float = 0.0
+    compute_dtype: str = "float32"
+    # Queries per chunk in the encoder's global attention; 0 = one shot. Chunking bounds the
+    # (tokens x tokens) score matrix that would otherwise dominate memory traffic.
+    attention_chunk_size: int = 1024
+
+    @property
+    def image_size(self) -> int:
+        return self.image_encoder.img_size
+
+    @property
+    def image_embedding_size(self) -> int:
+        return self.image_encoder.embedding_size
+
+    def replace(self, **changes: Any) -> "SamConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SamConfig":
+        d = dict(d)
+        enc = dict(d.pop("image_encoder", {}))
+        if "global_attn_indexes" in enc:
+            enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
+        for key in ("pixel_mean", "pixel_std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"prompt_encoder", "mask_decoder"}
+        if unknown:
+            raise ValueError(f"unknown SamConfig fields: {sorted(unknown)}")
+        return cls(
+            image_encoder=ImageEncoderConfig(**enc),
+            prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder", {})),
+            mask_decoder=MaskDecoderConfig(**d.pop("mask_decoder", {})),
+            **d,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "SamConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def vit_b() -> SamConfig:
+    return SamConfig(ImageEncoderConfig(embed_dim=768, depth=12, num_heads=12,
+                                        global_attn_indexes=(2, 5, 8, 11)))
+
+
+def vit_l() -> SamConfig:
+    return SamConfig(ImageEncoderConfig(embed_dim=1024, depth=24, num_heads=16,
+                                        global_attn_indexes=(5, 11, 17, 23)))
+
+
+def vit_h() -> SamConfig:
+    return SamConfig(ImageEncoderConfig(embed_dim=1280, depth=32, num_heads=16,
+                                        global_attn_indexes=(7, 15, 23, 31)))
+
+
+def tiny() -> SamConfig:
+    """A few-second model for tests: 128 px input, 8x8 embedding, windowed and global blocks
+    (window 3 does not divide 8, so window padding is exercised)."""
+    return SamConfig(
+        image_encoder=ImageEncoderConfig(img_size=128, embed_dim=32, depth=2, num_heads=2,
+                                         out_chans=32, window_size=3, global_attn_indexes=(1,)),
+        prompt_encoder=PromptEncoderConfig(embed_dim=32, mask_in_chans=8),
+        mask_decoder=MaskDecoderConfig(transformer_dim=32, transformer_depth=2,
+                                       transformer_num_heads=2, transformer_mlp_dim=64,
+                                       iou_head_hidden_dim=32),
+        attention_chunk_size=16,
+    )
+
+
+MODEL_TYPES = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h}
+
+
+def get_config(name: str) -> SamConfig:
+    presets = dict(MODEL_TYPES, tiny=tiny)
+    if name not in presets:
+        raise ValueError(f"unknown model type {name!r}; expected one of {sorted(presets)}")
+    return presets[name]()

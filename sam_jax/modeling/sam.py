@@ -1,0 +1,65 @@
+"""Ports `segment_anything/modeling/sam.py`: the three parts under their state-dict names.
+
+The official `Sam.forward` (a Python loop over images) is replaced by the pure, batched
+functions in `sam_jax.inference`; this module only owns the submodules and exposes one method
+per stage so each stage can be applied (and jitted) on its own:
+`embed_image`, `encode_prompts`, `encode_tokens`, `dense_pe`, `decode`.
+"""
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ..configs import SamConfig
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+
+class Sam(nn.Module):
+    config: SamConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.compute_dtype)
+        grid = cfg.image_embedding_size
+        self.image_encoder = ImageEncoderViT(cfg.image_encoder, cfg.attention_chunk_size, dtype)
+        self.prompt_encoder = PromptEncoder(cfg.prompt_encoder.embed_dim, (grid, grid),
+                                            (cfg.image_size, cfg.image_size),
+                                            cfg.prompt_encoder.mask_in_chans, dtype)
+        md = cfg.mask_decoder
+        self.mask_decoder = MaskDecoder(md.transformer_dim, md.transformer_depth,
+                                        md.transformer_num_heads, md.transformer_mlp_dim,
+                                        md.attention_downsample_rate, md.num_multimask_outputs,
+                                        md.iou_head_depth, md.iou_head_hidden_dim, dtype)
+
+    def embed_image(self, images):
+        """(B, S, S, 3) normalized, padded images -> (B, S/16, S/16, 256)."""
+        return self.image_encoder(images)
+
+    def encode_prompts(self, points=None, boxes=None, masks=None):
+        """Official prompt-encoder semantics (see PromptEncoder.__call__)."""
+        return self.prompt_encoder(points, boxes, masks)
+
+    def encode_tokens(self, coords, labels):
+        return self.prompt_encoder.embed_tokens(coords, labels)
+
+    def encode_masks(self, masks):
+        return self.prompt_encoder.embed_masks(masks)
+
+    def no_mask_dense(self, batch: int):
+        return self.prompt_encoder.no_mask_dense(batch)
+
+    def dense_pe(self):
+        return self.prompt_encoder.get_dense_pe()
+
+    def decode(self, image_embeddings, sparse, dense, multimask_output: bool, token_mask=None):
+        return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
+                                 dense, multimask_output, token_mask)
+
+    def __call__(self, images, coords, labels, mask_inputs):
+        """Every stage once (a mask prompt and the no-mask embedding): creates all variables."""
+        emb = self.embed_image(images)
+        sparse = self.encode_tokens(coords, labels)
+        dense = jnp.concatenate([self.encode_masks(mask_inputs),
+                                 self.no_mask_dense(mask_inputs.shape[0])], axis=0)
+        return self.decode(emb, jnp.concatenate([sparse, sparse], 0), dense, True)
