@@ -1,0 +1,35 @@
+"""sam_jax: Segment Anything in JAX/Flax, output-equal to the official PyTorch release.
+
+    sam = sam_jax.load("sam_vit_b_01ec64.pth")   # official .pth, HF safetensors or converted dir
+    predictor = sam_jax.SamPredictor(sam)
+    predictor.set_image(image_rgb_uint8)
+    masks, scores, logits = predictor.predict(point_coords=..., point_labels=...)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .build_sam import abstract_variables, build_sam, init_variables
+from .checkpoint import CheckpointError
+from .configs import SamConfig, get_config, tiny, vit_b, vit_h, vit_l
+from .inference import SamModel
+from .predictor import SamPredictor
+
+__version__ = "0.1.0"
+
+
+def load(path: str | os.PathLike, model_type: str = "auto",
+         config: Optional[SamConfig] = None) -> SamModel:
+    """Loads an official .pth, a Hugging Face SamModel .safetensors (or its folder), or a
+    directory written by `sam-jax convert`. Never executes code from the file."""
+    from .checkpoint import load_variables
+
+    config, variables = load_variables(path, model_type=model_type, config=config)
+    return SamModel(config, variables)
+
+
+__all__ = ["CheckpointError", "SamConfig", "SamModel", "SamPredictor", "abstract_variables",
+           "build_sam", "get_config", "init_variables", "load", "tiny", "vit_b", "vit_h",
+           "vit_l"]

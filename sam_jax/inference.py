@@ -1,0 +1,212 @@
+"""Pure-function inference: preprocessing, image embedding, prompt decoding, postprocessing.
+
+Replaces the official `Sam.forward` / `SamPredictor.predict_torch` loop with three jitted
+functions whose shapes do not depend on the request:
+- `embed_images(variables, images, config=)`: (B, S, S, 3) normalized padded images.
+- `decode_prompts(variables, embeddings, prompts, config=, multimask_output=)`: a
+  `PromptBatch` of any mix of points, boxes and mask inputs over one or more images.
+- `postprocess_masks(low_res, input_size=, original_size=, image_size=)`: bilinear upscaling
+  as the official `Sam.postprocess_masks` (align_corners=False, no antialiasing).
+`make_prompt_batch` builds a `PromptBatch` on the host and pads the number of prompts and the
+number of tokens per prompt to powers of two, so a new prompt count does not trace again. Padding
+tokens are masked out of attention (exact); padding prompts are dropped from the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .build_sam import Variables
+from .configs import SamConfig
+from .modeling import PAD_LABEL, Sam
+from .utils.transforms import ResizeLongestSide
+
+MIN_TOKENS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SamModel:
+    """A configuration and its variables: what `sam_jax.load` returns."""
+
+    config: SamConfig
+    variables: Variables
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.config.mask_threshold
+
+
+class PreparedImage(NamedTuple):
+    pixels: np.ndarray  # (S, S, 3) float32, normalized and zero-padded bottom-right
+    input_size: Tuple[int, int]  # (h, w) after resizing, before padding
+    original_size: Tuple[int, int]  # (H, W) of the image given
+
+
+class PromptBatch(NamedTuple):
+    """P prompts of T tokens; coordinates in the model input frame (longest side S).
+
+    labels: -1 not-a-point, 0 negative, 1 positive, 2/3 box corners, PAD_LABEL absent.
+    mask_inputs: (P, 4h, 4w, 1) low-res logits, used where has_mask; image_index: which
+    embedding each prompt reads. `num_prompts` is the count before padding (host int)."""
+
+    coords: np.ndarray
+    labels: np.ndarray
+    mask_inputs: np.ndarray
+    has_mask: np.ndarray
+    image_index: np.ndarray
+    num_prompts: int
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    """Accepts only HxWx3 uint8 RGB, with errors that say what was given instead."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 with values in [0, 255], got dtype {image.dtype}"
+                         " (convert 16-bit or float images first)")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must have shape (H, W, 3) (RGB), got {image.shape}; convert "
+                         "grayscale or RGBA images to RGB first")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    return image
+
+
+def prepare_image(image: np.ndarray, config: SamConfig) -> PreparedImage:
+    """Resize the longest side to S (PIL bilinear), normalize, pad bottom-right with zeros,
+    exactly as `ResizeLongestSide.apply_image` + `Sam.preprocess`."""
+    image = check_image(image)
+    s = config.image_size
+    resized = ResizeLongestSide(s).apply_image(image).astype(np.float32)
+    h, w = resized.shape[:2]
+    mean = np.asarray(config.pixel_mean, np.float32)
+    std = np.asarray(config.pixel_std, np.float32)
+    pixels = np.zeros((s, s, 3), np.float32)
+    pixels[:h, :w] = (resized - mean) / std
+    return PreparedImage(pixels, (h, w), tuple(image.shape[:2]))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed_images(variables: Variables, images: jax.Array, *, config: SamConfig) -> jax.Array:
+    """(B, S, S, 3) prepared images -> (B, S/16, S/16, C) embeddings. Sharding follows the
+    inputs: put `images` on a mesh with `sam_jax.sharding.shard_batch` to split the batch."""
+    return Sam(config).apply(variables, images, method="embed_image")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "multimask_output"))
+def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptBatch, *,
+                   config: SamConfig, multimask_output: bool = True):
+    """Decode a padded `PromptBatch` against (N_img, h, w, C) embeddings.
+
+    Returns low-res logits (P, M, 4h, 4w) and IoU predictions (P, M), M = 3 or 1, for all P
+    padded prompts (slice with `prompts.num_prompts`)."""
+    model = Sam(config)
+    sparse = model.apply(variables, prompts.coords, prompts.labels, method="encode_tokens")
+    dense_mask = model.apply(variables, prompts.mask_inputs, method="encode_masks")
+    dense_none = model.apply(variables, prompts.coords.shape[0], method="no_mask_dense")
+    dense = jnp.where(prompts.has_mask[:, None, None, None], dense_mask, dense_none)
+    image = embeddings[prompts.image_index] if embeddings.shape[0] > 1 else embeddings
+    return model.apply(variables, image, sparse, dense, multimask_output,
+                       prompts.labels != PAD_LABEL, method="decode")
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def make_prompt_batch(config: SamConfig, *, coords: Optional[Sequence] = None,
+                      labels: Optional[Sequence] = None, boxes: Optional[Sequence] = None,
+                      mask_inputs: Optional[np.ndarray] = None,
+                      image_index: Optional[Sequence[int]] = None,
+                      num_prompts: Optional[int] = None) -> PromptBatch:
+    """Host-side batching of prompts already in the model input frame.
+
+    coords/labels: per prompt a (N_i, 2) array and (N_i,) labels (lists, so N_i may differ),
+    or (P, N, 2)/(P, N) arrays, or None; boxes: (P, 4) XYXY or a list with None entries;
+    mask_inputs: (P, 1, 4h, 4w) (official layout) with NaN-free logits, or a list with None.
+    Follows the official token rule: a prompt with points and no box gets the extra
+    not-a-point token. Pads P and T to powers of two."""
+    p = num_prompts
+    for seq in (coords, boxes, mask_inputs):
+        if seq is not None:
+            p = len(seq) if p is None else p
+            if len(seq) != p:
+                raise ValueError(f"prompt inputs disagree on the number of prompts: {len(seq)} "
+                                 f"vs {p}")
+    if p is None or p == 0:
+        raise ValueError("no prompt given: pass points, boxes or mask inputs")
+    if coords is not None and labels is None:
+        raise ValueError("point labels must be given with point coordinates")
+    grid = 4 * config.image_embedding_size
+    tokens = []
+    for i in range(p):
+        c = [] if coords is None or coords[i] is None else [np.asarray(coords[i], np.float32)]
+        lab = [] if c == [] else [np.asarray(labels[i], np.int32).reshape(-1)]
+        if c and (c[0].ndim != 2 or c[0].shape[1] != 2 or len(lab[0]) != len(c[0])):
+            raise ValueError(f"prompt {i}: point coordinates must be (N, 2) with N labels, got "
+                             f"{c[0].shape} and {lab[0].shape}")
+        box = None if boxes is None else boxes[i]
+        if c and box is None:
+            c.append(np.zeros((1, 2), np.float32))
+            lab.append(np.array([-1], np.int32))
+        if box is not None:
+            c.append(np.asarray(box, np.float32).reshape(2, 2))
+            lab.append(np.array([2, 3], np.int32))
+        tokens.append((np.concatenate(c) if c else np.zeros((0, 2), np.float32),
+                       np.concatenate(lab) if lab else np.zeros((0,), np.int32)))
+    pp = _bucket(p)
+    t = _bucket(max(len(tk[1]) for tk in tokens), MIN_TOKENS)
+    out_coords = np.zeros((pp, t, 2), np.float32)
+    out_labels = np.full((pp, t), PAD_LABEL, np.int32)
+    for i, (c, lab) in enumerate(tokens):
+        out_coords[i, :len(lab)] = c
+        out_labels[i, :len(lab)] = lab
+    masks = np.zeros((pp, grid, grid, 1), np.float32)
+    has_mask = np.zeros((pp,), bool)
+    if mask_inputs is not None:
+        for i, m in enumerate(mask_inputs):
+            if m is None:
+                continue
+            m = np.asarray(m, np.float32)
+            if m.shape != (1, grid, grid):
+                raise ValueError(f"prompt {i}: mask input must have shape (1, {grid}, {grid}) "
+                                 f"(low-res logits, as returned by predict), got {m.shape}")
+            masks[i, :, :, 0] = m[0]
+            has_mask[i] = True
+    index = np.zeros((pp,), np.int32)
+    if image_index is not None:
+        index[:p] = np.asarray(image_index, np.int32)
+    return PromptBatch(out_coords, out_labels, masks, has_mask, index, p)
+
+
+def _resize_axis(x: jax.Array, axis: int, out: int) -> jax.Array:
+    """Linear resize of one axis with half-pixel centres and edge clamping (torch's
+    align_corners=False without antialiasing)."""
+    n = x.shape[axis]
+    src = (jnp.arange(out, dtype=jnp.float32) + 0.5) * (n / out) - 0.5
+    src = jnp.maximum(src, 0.0)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n - 1)
+    i1 = jnp.minimum(i0 + 1, n - 1)
+    frac = src - i0
+    shape = [1] * x.ndim
+    shape[axis] = out
+    frac = frac.reshape(shape)
+    return jnp.take(x, i0, axis=axis) * (1 - frac) + jnp.take(x, i1, axis=axis) * frac
+
+
+@functools.partial(jax.jit, static_argnames=("input_size", "original_size", "image_size"))
+def postprocess_masks(masks: jax.Array, *, input_size: Tuple[int, int],
+                      original_size: Tuple[int, int], image_size: int) -> jax.Array:
+    """(..., 4h, 4w) low-res logits -> (..., H, W) logits at the original image size."""
+    x = _resize_axis(_resize_axis(masks, -2, image_size), -1, image_size)
+    x = x[..., :input_size[0], :input_size[1]]
+    return _resize_axis(_resize_axis(x, -2, original_size[0]), -1, original_size[1])
