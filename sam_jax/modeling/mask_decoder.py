@@ -1,9 +1,12 @@
 """Ports `segment_anything/modeling/mask_decoder.py`.
 
 Masks are returned channels-first, (B, num_masks, 4h, 4w), like the official decoder, since
-they are outputs rather than feature maps. The 2x2/stride-2 transposed convolutions are written
-as one einsum (each input pixel writes its own 2x2 output block, so there is no overlap and no
-kernel flip to get wrong); the kernel is stored (kh, kw, in, out).
+they are outputs rather than feature maps. The 2x2/stride-2 transposed convolutions are plain
+matmuls (each input pixel writes its own 2x2 output block, so there is no overlap and no kernel
+flip to get wrong); the kernel is stored (kh, kw, in, out). The upscaled features stay in
+"sub-pixel" layout (h, w, 2, 2, [2, 2,] C) and only the final (B, M, 4h, 4w) masks are
+interleaved: the same arithmetic without shuffling the large feature maps, which made the
+upscaling 3x slower on CPU.
 """
 
 import jax.numpy as jnp
@@ -14,7 +17,9 @@ from .transformer import TwoWayTransformer
 
 
 class ConvTranspose2x2(nn.Module):
-    """torch.nn.ConvTranspose2d(in, out, kernel_size=2, stride=2) on NHWC input."""
+    """torch.nn.ConvTranspose2d(in, out, kernel_size=2, stride=2) on channels-last input,
+    returned in sub-pixel layout: (..., in) -> (..., 2, 2, out), where [..., a, c, :] is output
+    pixel (2i + a, 2j + c) of input pixel (i, j)."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
@@ -24,10 +29,9 @@ class ConvTranspose2x2(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (2, 2, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        b, h, w, _ = x.shape
-        y = jnp.einsum("bhwi,acio->bhawco", x.astype(self.dtype), kernel.astype(self.dtype),
+        y = jnp.einsum("...i,acio->...aco", x.astype(self.dtype), kernel.astype(self.dtype),
                        preferred_element_type=jnp.float32)
-        return (y.reshape(b, 2 * h, 2 * w, self.features) + bias).astype(self.dtype)
+        return (y + bias).astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -112,10 +116,12 @@ class MaskDecoder(nn.Module):
 
         up0, ln, up1 = self.output_upscaling
         x = src.reshape(b, h, w, c)
-        x = gelu(up1(gelu(ln(up0(x)))))  # (B, 4h, 4w, C/8)
+        x = gelu(up1(gelu(ln(up0(x)))))  # (B, h, w, 2, 2, 2, 2, C/8) sub-pixel layout
         hyper_in = jnp.stack([mlp(mask_tokens_out[:, i, :])
                               for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(self.dtype), x,
+        masks = jnp.einsum("bmk,bhwacdek->bmhwacde", hyper_in.astype(self.dtype), x,
                            preferred_element_type=jnp.float32)
+        # row 4i + 2a + d, column 4j + 2c + e
+        masks = masks.transpose(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
