@@ -20,7 +20,6 @@ Usage: `python -m sam_jax.convert sam_vit_b_01ec64.pth out_dir [--model-type vit
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -320,24 +319,3 @@ def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
                    metadata={"model_type": model_type,
                              "source": f"{kind}:{os.path.basename(path)}"})
     return config
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help=".pth/.pt (official or HF) or .safetensors file")
-    parser.add_argument("out_dir", help="directory to write config.json + Orbax variables into")
-    parser.add_argument("--model-type", default="auto", choices=["auto", *MODEL_TYPES])
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a conversion already in out_dir")
-    args = parser.parse_args(argv)
-    try:
-        config = convert_checkpoint(args.checkpoint, args.out_dir, args.model_type,
-                                    overwrite=args.overwrite)
-    except CheckpointError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"wrote {args.out_dir} (encoder width {config.image_encoder.embed_dim}, "
-          f"depth {config.image_encoder.depth})")
-
-
-if __name__ == "__main__":
-    main()
