@@ -15,7 +15,7 @@ torch key of every Flax leaf follows from its path; only the leaf name and the a
 Conversion is strict: a missing, unused or mis-shaped key raises `CheckpointError` listing every
 offender; nothing is ever left at its random initialization.
 
-Usage: `python -m sam_jax.convert sam_vit_b_01ec64.pth out_dir [--model-type vit_b]`.
+Usage: `sam-jax convert sam_vit_b_01ec64.pth out_dir [--model-type vit_b]`.
 """
 
 from __future__ import annotations
