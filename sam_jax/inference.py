@@ -192,10 +192,14 @@ def make_prompt_batch(config: SamConfig, *, coords: Optional[Sequence] = None,
 def _linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) matrix of torch's bilinear resize along one axis (align_corners=False, no
     antialiasing: half-pixel centres, source clamped at the edges)."""
-    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    # Source positions in float32 arithmetic, as torch's CPU kernel computes them, so each
+    # resize samples exactly where the official one does.
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = src - i0
+    frac = np.clip(src - i0.astype(f32), 0, 1).astype(np.float64)
     m = np.zeros((out_size, in_size))
     np.add.at(m, (np.arange(out_size), i0), 1.0 - frac)
     np.add.at(m, (np.arange(out_size), i1), frac)

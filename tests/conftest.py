@@ -1,0 +1,52 @@
+"""Shared test setup: float32-exact matmuls (parity tolerances assume them), import paths, and
+session fixtures for the tiny model (official PyTorch and ours, with the same weights)."""
+
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+for _path in (REPO, TESTS):  # `import sam_jax` and `import official` without PYTHONPATH
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TRUCK = os.path.join(REPO, "assets", "truck.jpg")
+
+
+def load_truck(size=None) -> np.ndarray:
+    """assets/truck.jpg (1800x1200) as HxWx3 uint8 RGB, optionally resized to size=(W, H)."""
+    from PIL import Image
+    image = Image.open(TRUCK).convert("RGB")
+    if size is not None and tuple(size) != image.size:
+        image = image.resize(tuple(size), Image.BILINEAR)
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    import sam_jax
+    return sam_jax.tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_official(tiny_config):
+    """The official model for the tiny config, seeded and perturbed (no exact zeros/ones)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("segment_anything")
+    import official
+    return official.seeded_official(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tiny_official, tiny_config, tmp_path_factory):
+    """Our model with the official tiny model's weights, via torch.save + sam_jax.load."""
+    import official
+    return official.save_and_load(tiny_official, tmp_path_factory.mktemp("tiny_ckpt"),
+                                  config=tiny_config)
