@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from functools import partial
 
 import numpy as np
 import pytest
@@ -56,36 +55,10 @@ def assert_error(result, status, *words):
 
 def official_tiny(seed=0):
     """The official `Sam` for `sam_jax.tiny()`, every parameter perturbed by seeded noise."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("segment_anything")
-    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                           TwoWayTransformer)
-    config = sam_jax.tiny()
-    e, p, d = config.image_encoder, config.prompt_encoder, config.mask_decoder
-    n = config.image_embedding_size
-    model = Sam(
-        ImageEncoderViT(img_size=e.img_size, patch_size=e.patch_size, in_chans=e.in_chans,
-                        embed_dim=e.embed_dim, depth=e.depth, num_heads=e.num_heads,
-                        mlp_ratio=e.mlp_ratio, out_chans=e.out_chans, qkv_bias=e.qkv_bias,
-                        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                        use_abs_pos=e.use_abs_pos, use_rel_pos=e.use_rel_pos,
-                        window_size=e.window_size,
-                        global_attn_indexes=tuple(e.global_attn_indexes)),
-        PromptEncoder(embed_dim=p.embed_dim, image_embedding_size=(n, n),
-                      input_image_size=(e.img_size, e.img_size), mask_in_chans=p.mask_in_chans),
-        MaskDecoder(transformer_dim=d.transformer_dim,
-                    transformer=TwoWayTransformer(depth=d.transformer_depth,
-                                                  embedding_dim=d.transformer_dim,
-                                                  num_heads=d.transformer_num_heads,
-                                                  mlp_dim=d.transformer_mlp_dim),
-                    num_multimask_outputs=d.num_multimask_outputs,
-                    iou_head_depth=d.iou_head_depth, iou_head_hidden_dim=d.iou_head_hidden_dim),
-        pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.parameters():
-            t.add_(0.1 * torch.randn(t.shape, generator=gen))
-    return model
+    from official import seeded_official
+    return seeded_official(sam_jax.tiny(), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import zipfile
-from functools import partial
 
 import jax
 import numpy as np
@@ -25,32 +24,10 @@ from sam_jax.convert import (convert_checkpoint, convert_state_dict, detect_mode
 from sam_jax.utils.torch_pickle import load_pth
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("segment_anything")
+from official import official_sam  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def official_sam(config):
-    """The official PyTorch model for any SamConfig (build_sam_vit_* only covers the presets)."""
-    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                           TwoWayTransformer)
-    e, p, d = config.image_encoder, config.prompt_encoder, config.mask_decoder
-    n = config.image_embedding_size
-    return Sam(
-        ImageEncoderViT(img_size=e.img_size, patch_size=e.patch_size, in_chans=e.in_chans,
-                        embed_dim=e.embed_dim, depth=e.depth, num_heads=e.num_heads,
-                        mlp_ratio=e.mlp_ratio, out_chans=e.out_chans, qkv_bias=e.qkv_bias,
-                        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                        use_abs_pos=e.use_abs_pos, use_rel_pos=e.use_rel_pos,
-                        window_size=e.window_size, global_attn_indexes=e.global_attn_indexes),
-        PromptEncoder(embed_dim=p.embed_dim, image_embedding_size=(n, n),
-                      input_image_size=(e.img_size, e.img_size), mask_in_chans=p.mask_in_chans),
-        MaskDecoder(transformer_dim=d.transformer_dim,
-                    transformer=TwoWayTransformer(depth=d.transformer_depth,
-                                                  embedding_dim=d.transformer_dim,
-                                                  num_heads=d.transformer_num_heads,
-                                                  mlp_dim=d.transformer_mlp_dim),
-                    num_multimask_outputs=d.num_multimask_outputs, iou_head_depth=d.iou_head_depth,
-                    iou_head_hidden_dim=d.iou_head_hidden_dim),
-        pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std)).eval()
 
 
 def randomized(model, seed=0):
