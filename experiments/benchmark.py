@@ -88,7 +88,7 @@ def run_jax(task, image, repeats, dtype):
 
     def decode():
         low_res, iou = inference.decode_prompts(variables, pred.features, prompts, config=cfg,
-                                                multimask_output=True)
+                                                multimask_output=True, with_masks=False)
         masks = inference.postprocess_masks(low_res, input_size=pred.input_size,
                                             original_size=pred.original_size,
                                             image_size=cfg.image_size,

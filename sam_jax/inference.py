@@ -103,18 +103,23 @@ def embed_images(variables: Variables, images: jax.Array, *, config: SamConfig) 
     return Sam(config).apply(variables, images, method="embed_image")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "multimask_output"))
+@functools.partial(jax.jit, static_argnames=("config", "multimask_output", "with_masks"))
 def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptBatch, *,
-                   config: SamConfig, multimask_output: bool = True):
+                   config: SamConfig, multimask_output: bool = True, with_masks: bool = True):
     """Decode a padded `PromptBatch` against (N_img, h, w, C) embeddings.
 
-    Returns low-res logits (P, M, 4h, 4w) and IoU predictions (P, M), M = 3 or 1, for all P
-    padded prompts (slice with `prompts.num_prompts`)."""
+    `with_masks=False` promises that no prompt has a mask input (`prompts.has_mask` all
+    False): the no-mask embedding is then added once, and with one image the first layer's
+    image-side work is shared by all prompts. Returns low-res logits (P, M, 4h, 4w) and IoU
+    predictions (P, M), M = 3 or 1, for all P padded prompts (slice with `num_prompts`)."""
     model = Sam(config)
     sparse = model.apply(variables, prompts.coords, prompts.labels, method="encode_tokens")
-    dense_mask = model.apply(variables, prompts.mask_inputs, method="encode_masks")
-    dense_none = model.apply(variables, prompts.coords.shape[0], method="no_mask_dense")
-    dense = jnp.where(prompts.has_mask[:, None, None, None], dense_mask, dense_none)
+    if with_masks:
+        dense_mask = model.apply(variables, prompts.mask_inputs, method="encode_masks")
+        dense_none = model.apply(variables, prompts.coords.shape[0], method="no_mask_dense")
+        dense = jnp.where(prompts.has_mask[:, None, None, None], dense_mask, dense_none)
+    else:
+        dense = model.apply(variables, 1, method="no_mask_dense")
     image = embeddings[prompts.image_index] if embeddings.shape[0] > 1 else embeddings
     return model.apply(variables, image, sparse, dense, multimask_output,
                        prompts.labels != PAD_LABEL, method="decode")

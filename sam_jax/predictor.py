@@ -136,7 +136,8 @@ class SamPredictor:
         prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
         cfg = self.model.config
         low_res, iou = inference.decode_prompts(self.model.variables, self.features, prompts,
-                                                config=cfg, multimask_output=multimask_output)
+                                                config=cfg, multimask_output=multimask_output,
+                                                with_masks=bool(prompts.has_mask.any()))
         # Upscale the padded batch (a fixed shape, so no retrace) and drop the padding after.
         masks = inference.postprocess_masks(low_res, input_size=self.input_size,
                                             original_size=self.original_size,

@@ -324,3 +324,23 @@ def test_no_retrace_counted_by_side_effect(tiny_sam, tiny_config):
                 labels=rng.integers(0, 2, (b, n)))
             decode(tiny_sam.variables, emb, batch)
     assert traces == [(8, 4, 2)]
+
+
+def test_decode_without_mask_inputs_shares_image_work_exactly(tiny_sam):
+    """with_masks=False (the no-mask fast path: one dense embedding, first-layer image-side
+    projections shared by all prompts) gives the general path's outputs."""
+    cfg = tiny_sam.config
+    rng = np.random.default_rng(3)
+    emb = inference.embed_images(tiny_sam.variables,
+                                 rng.normal(size=(1, cfg.image_size, cfg.image_size, 3))
+                                 .astype(np.float32), config=cfg)
+    prompts = inference.make_prompt_batch(
+        cfg, coords=[rng.uniform(0, cfg.image_size, (n, 2)) for n in (1, 2, 3)],
+        labels=[np.ones(n) for n in (1, 2, 3)], boxes=[None, [10, 10, 90, 100], None])
+    for multimask in (True, False):
+        general = inference.decode_prompts(tiny_sam.variables, emb, prompts, config=cfg,
+                                           multimask_output=multimask)
+        shared = inference.decode_prompts(tiny_sam.variables, emb, prompts, config=cfg,
+                                          multimask_output=multimask, with_masks=False)
+        for a, b in zip(general, shared):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)

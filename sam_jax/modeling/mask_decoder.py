@@ -91,7 +91,7 @@ class MaskDecoder(nn.Module):
     def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings,
                  dense_prompt_embeddings, multimask_output: bool, token_mask=None):
         """image_embeddings (B or 1, h, w, C); image_pe (h, w, C); sparse (B, T, C);
-        dense (B, h, w, C); token_mask (B, T) or None -> masks (B, M, 4h, 4w), iou (B, M)
+        dense (B or 1, h, w, C); token_mask (B, T) or None -> masks (B, M, 4h, 4w), iou (B, M)
         with M = 3 if multimask_output else 1."""
         masks, iou_pred = self.predict_masks(image_embeddings, image_pe,
                                              sparse_prompt_embeddings, dense_prompt_embeddings,
@@ -108,7 +108,9 @@ class MaskDecoder(nn.Module):
             token_mask = jnp.concatenate(
                 [jnp.ones((b, out_tokens.shape[1]), bool), token_mask.astype(bool)], axis=1)
 
-        src = image_embeddings + dense  # broadcasts one image over all prompts
+        # One image and no per-prompt mask input: src has batch 1 and the first layer's
+        # image-side projections run once for all prompts (the official code repeats them).
+        src = image_embeddings + dense
         _, h, w, c = src.shape
         hs, src = self.transformer(src, image_pe[None], tokens, token_mask)
         iou_token_out = hs[:, 0, :]

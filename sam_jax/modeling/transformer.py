@@ -90,6 +90,10 @@ class Attention(nn.Module):
         q = dense(internal, "q_proj", self.dtype)(q)
         k = dense(internal, "k_proj", self.dtype)(k)
         v = dense(internal, "v_proj", self.dtype)(v)
+        # Image tokens shared by every prompt may come with batch 1 (see MaskDecoder): they are
+        # projected once, then broadcast to the prompts.
+        batch = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (jnp.broadcast_to(x, (batch,) + x.shape[1:]) for x in (q, k, v))
         if min(q.shape[1], k.shape[1]) <= SMALL_SIDE:
             out = _attention_small_side(q, k, v, self.num_heads, key_mask)
         else:
