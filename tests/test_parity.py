@@ -83,7 +83,7 @@ def previous_low_res(official_pred, width, height):
     return logits[np.argmax(scores)][None]
 
 
-def compare_predict(tag, tp, jp, kw, multimask):
+def check_predict_matches(tag, tp, jp, kw, multimask):
     """Official vs our `predict` (logits, binary masks, IoU, low-res logits)."""
     t_up, t_iou, t_low = tp.predict(**kw, multimask_output=multimask, return_logits=True)
     j_up, j_iou, j_low = jp.predict(**kw, multimask_output=multimask, return_logits=True)
@@ -234,7 +234,7 @@ def test_tiny_predictor_embedding(tiny_predictors):
 def test_tiny_predictor_masks(tiny_predictors, prompt, multimask):
     tp, jp, width, height, mask_input = tiny_predictors
     kw = scaled_prompt(prompt, width, height, mask_input)
-    compare_predict(f"tiny predict {width}x{height} {prompt} multimask={multimask}", tp, jp, kw,
+    check_predict_matches(f"tiny predict {width}x{height} {prompt} multimask={multimask}", tp, jp, kw,
                     multimask)
 
 
@@ -319,7 +319,7 @@ VIT_B_PROMPTS = {
 @pytest.mark.parametrize("prompt", list(VIT_B_PROMPTS))
 def test_vit_b_predict(vit_b_predictors, prompt, multimask):
     tp, jp = vit_b_predictors
-    compare_predict(f"vit_b predict truck {prompt} multimask={multimask}", tp, jp,
+    check_predict_matches(f"vit_b predict truck {prompt} multimask={multimask}", tp, jp,
                     VIT_B_PROMPTS[prompt], multimask)
 
 
@@ -327,7 +327,7 @@ def test_vit_b_mask_input(vit_b_predictors):
     tp, jp = vit_b_predictors
     _, scores, logits = tp.predict(**VIT_B_PROMPTS["point"], multimask_output=True)
     kw = dict(VIT_B_PROMPTS["point"], mask_input=logits[np.argmax(scores)][None])
-    compare_predict("vit_b predict truck point+mask_input", tp, jp, kw, False)
+    check_predict_matches("vit_b predict truck point+mask_input", tp, jp, kw, False)
 
 
 # ==== vit_l / vit_h widths and heads at reduced depth =========================================
@@ -359,5 +359,5 @@ def test_reduced_depth_parity(name, tmp_path):
     mask_input = previous_low_res(tp, width, height)
     for prompt in ("one_point", "box_points", "mask_points"):
         for multimask in (True, False):
-            compare_predict(f"{name} reduced predict {prompt} multimask={multimask}", tp, jp,
+            check_predict_matches(f"{name} reduced predict {prompt} multimask={multimask}", tp, jp,
                             scaled_prompt(prompt, width, height, mask_input), multimask)
