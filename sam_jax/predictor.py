@@ -117,11 +117,18 @@ class SamPredictor:
         """One prompt -> masks (C, H, W) bool (float32 logits if return_logits), IoU
         predictions (C,) float32, low-res logits (C, 256, 256) float32; C = 3 or 1."""
         self._require_image("before mask prediction")
-        as_batch = lambda x, nd: None if x is None else np.asarray(x)[None] \
-            if np.asarray(x).ndim == nd else np.asarray(x)  # noqa: E731
+        if box is not None:
+            box = np.asarray(box)
+            if box.shape not in ((4,), (1, 4)):
+                raise ValueError(f"box must be (4,) XYXY for one prompt, got {box.shape}; use "
+                                 "predict_batch for several boxes")
+        grid = 4 * self.model.config.image_embedding_size
         masks, iou, low_res = self.predict_batch(
-            as_batch(point_coords, 2), as_batch(point_labels, 1), as_batch(box, 1),
-            as_batch(mask_input, 3), multimask_output, return_logits)
+            _one_prompt(point_coords, "point_coords", ("N", 2)),
+            _one_prompt(point_labels, "point_labels", ("N",)),
+            None if box is None else box.reshape(1, 4),
+            _one_prompt(mask_input, "mask_input", (1, grid, grid)),
+            multimask_output, return_logits)
         return masks[0], iou[0], low_res[0]
 
     def predict_batch(self, point_coords: Optional[np.ndarray] = None,
@@ -147,3 +154,17 @@ class SamPredictor:
         n = prompts.num_prompts
         masks, iou, low_res = np.asarray(masks)[:n], np.asarray(iou)[:n], np.asarray(low_res)[:n]
         return masks, np.asarray(iou, np.float32), np.asarray(low_res, np.float32)
+
+
+def _one_prompt(x, name: str, shape: tuple):
+    """Adds the batch axis to one prompt's array of `shape` (e.g. ("N", 2)); another number of
+    dimensions is an error (a silent batch would return only its first result). The exact
+    sizes are checked by `_prompts`."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if x.ndim != len(shape):
+        text = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"{name} must be {text} for one prompt, got shape {x.shape}; use "
+                         "predict_batch for several prompts")
+    return x[None]

@@ -344,3 +344,12 @@ def test_decode_without_mask_inputs_shares_image_work_exactly(tiny_sam):
                                           multimask_output=multimask, with_masks=False)
         for a, b in zip(general, shared):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+
+
+def test_predict_refuses_a_batch_instead_of_returning_its_first_result(predictor):
+    """predict is for one prompt: two boxes, or (B, N, 2) points, must not be decoded as a
+    batch of which only the first result comes back."""
+    with pytest.raises(ValueError, match=r"box must be \(4,\) XYXY for one prompt"):
+        predictor.predict(box=np.array([[0, 0, 10, 10], [5, 5, 20, 20]]))
+    with pytest.raises(ValueError, match=r"point_coords must be \(N, 2\) for one prompt"):
+        predictor.predict(point_coords=np.ones((2, 1, 2)), point_labels=np.ones((2, 1)))
