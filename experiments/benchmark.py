@@ -70,6 +70,7 @@ def run_jax(task, image, repeats, dtype):
     import sam_jax
     from sam_jax import inference
 
+    sam_jax.keep_freed_host_memory()  # as the sam-jax command does; see utils/host_memory.py
     cfg = sam_jax.vit_b().replace(compute_dtype=dtype)
     variables = sam_jax.init_variables(cfg, jax.random.key(0))
     if task == "encoder":

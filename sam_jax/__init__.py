@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError
 from .configs import SamConfig, get_config, tiny, vit_b, vit_h, vit_l
 from .inference import SamModel
 from .predictor import SamPredictor
+from .utils.host_memory import keep_freed_host_memory
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,5 @@ def load(path: str | os.PathLike, model_type: str = "auto",
 
 
 __all__ = ["CheckpointError", "SamConfig", "SamModel", "SamPredictor", "abstract_variables",
-           "build_sam", "get_config", "init_variables", "load", "tiny", "vit_b", "vit_h",
-           "vit_l"]
+           "build_sam", "get_config", "init_variables", "keep_freed_host_memory", "load", "tiny",
+           "vit_b", "vit_h", "vit_l"]

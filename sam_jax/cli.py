@@ -319,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the command line; returns the exit status (never raises for bad input)."""
     try:
         args = build_parser().parse_args(None if argv is None else list(argv))
+        from .utils.host_memory import keep_freed_host_memory
+        keep_freed_host_memory()  # this process is ours: reuse freed memory (XLA:CPU speed)
         return args.run(args)
     except CliError as e:
         _report(str(e))
