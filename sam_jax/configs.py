@@ -65,6 +65,9 @@ class SamConfig:
     # Queries per chunk in the encoder's global attention; 0 = one shot. Chunking bounds the
     # (tokens x tokens) score matrix that would otherwise dominate memory traffic.
     attention_chunk_size: int = 1024
+    # Prompts decoded together inside one decode call (the rest follow in a loop); 0 = all at
+    # once. Bounds the per-prompt feature maps held at a time (~30 MB per prompt for vit_b).
+    decode_group_size: int = 8
 
     @property
     def image_size(self) -> int:
@@ -134,6 +137,7 @@ def tiny() -> SamConfig:
                                        transformer_num_heads=2, transformer_mlp_dim=64,
                                        iou_head_hidden_dim=32),
         attention_chunk_size=16,
+        decode_group_size=4,
     )
 
 

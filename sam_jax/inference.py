@@ -121,8 +121,27 @@ def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptB
     else:
         dense = model.apply(variables, 1, method="no_mask_dense")
     image = embeddings[prompts.image_index] if embeddings.shape[0] > 1 else embeddings
-    return model.apply(variables, image, sparse, dense, multimask_output,
-                       prompts.labels != PAD_LABEL, method="decode")
+    token_mask = prompts.labels != PAD_LABEL
+    num = sparse.shape[0]
+    group = config.decode_group_size
+    if group <= 0 or num <= group:
+        return model.apply(variables, image, sparse, dense, multimask_output, token_mask,
+                           method="decode")
+    # Decode `group` prompts at a time: the per-prompt feature maps (64x64x256 and larger) of
+    # a group stay cache- and heap-sized, instead of GBs re-faulted in on every call.
+    groups = lambda x: x.reshape((num // group, group) + x.shape[1:])  # noqa: E731
+    per_prompt = lambda x: x.shape[0] == num and num > 1  # noqa: E731
+    shared = {k: x for k, x in (("image", image), ("dense", dense)) if not per_prompt(x)}
+    mapped = {k: groups(x) for k, x in (("image", image), ("dense", dense)) if per_prompt(x)}
+
+    def decode_group(args):
+        parts = {**shared, **args}
+        return model.apply(variables, parts["image"], args["sparse"], parts["dense"],
+                           multimask_output, args["token_mask"], method="decode")
+
+    low_res, iou = jax.lax.map(decode_group, dict(mapped, sparse=groups(sparse),
+                                                  token_mask=groups(token_mask)))
+    return low_res.reshape((num,) + low_res.shape[2:]), iou.reshape((num,) + iou.shape[2:])
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -223,6 +242,29 @@ def _upscale_taps(low: int, image_size: int, valid: int, original: int):
     return idx.astype(np.int32), np.take_along_axis(m, idx, 1).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _upscale_column_blocks(low: int, image_size: int, valid: int, original: int,
+                           block: int = 128):
+    """The same composed map as `_upscale_taps`, as dense (width, <=block) matrices, each
+    reading the `width` consecutive inputs starting at its offset: ((offset, matrix), ...).
+
+    Along the minor (column) axis XLA:CPU's gather ran at ~5 ns an output; these small
+    matmuls (width ~21 for SAM's 256 -> ~1800) measured 2x faster for 64 prompts' masks."""
+    idx, weights = _upscale_taps(low, image_size, valid, original)
+    dense = np.zeros((original, low), np.float32)
+    np.put_along_axis(dense, idx, weights, 1)
+    spans = []
+    for start in range(0, original, block):
+        used = np.nonzero(dense[start:start + block].any(0))[0]
+        spans.append((start, int(used.min()), int(used.max()) + 1))
+    width = max(hi - lo for _, lo, hi in spans)
+    blocks = []
+    for start, lo, _ in spans:
+        lo = min(lo, low - width)
+        blocks.append((lo, dense[start:start + block, lo:lo + width].T.copy()))
+    return width, tuple(blocks)
+
+
 @functools.partial(jax.jit, static_argnames=("input_size", "original_size", "image_size",
                                              "threshold"))
 def postprocess_masks(masks: jax.Array, *, input_size: Tuple[int, int],
@@ -230,9 +272,15 @@ def postprocess_masks(masks: jax.Array, *, input_size: Tuple[int, int],
                       threshold: Optional[float] = None) -> jax.Array:
     """(..., 4h, 4w) low-res logits -> (..., H, W) logits at the original image size, as the
     official `Sam.postprocess_masks` (upscale to S x S, crop the padding, resize to H x W);
-    with `threshold`, the binary masks `logits > threshold` (fused, no float image stored)."""
+    with `threshold`, the binary masks `logits > threshold` (fused, no float image stored).
+
+    Columns first, on the small array, as banded block matmuls; then rows, as a gather of
+    whole rows (fast) fused with the threshold into the one large output."""
+    width, blocks = _upscale_column_blocks(masks.shape[-1], image_size, input_size[1],
+                                           original_size[1])
+    cols = jnp.concatenate([
+        jnp.einsum("...i,io->...o", masks[..., lo:lo + width], matrix,
+                   precision=jax.lax.Precision.HIGHEST) for lo, matrix in blocks], axis=-1)
     iy, wy = _upscale_taps(masks.shape[-2], image_size, input_size[0], original_size[0])
-    ix, wx = _upscale_taps(masks.shape[-1], image_size, input_size[1], original_size[1])
-    rows = sum(jnp.take(masks, iy[:, j], axis=-2) * wy[:, j, None] for j in range(iy.shape[1]))
-    out = sum(jnp.take(rows, ix[:, j], axis=-1) * wx[:, j] for j in range(ix.shape[1]))
+    out = sum(jnp.take(cols, iy[:, j], axis=-2) * wy[:, j, None] for j in range(iy.shape[1]))
     return out if threshold is None else out > threshold

@@ -353,3 +353,27 @@ def test_predict_refuses_a_batch_instead_of_returning_its_first_result(predictor
         predictor.predict(box=np.array([[0, 0, 10, 10], [5, 5, 20, 20]]))
     with pytest.raises(ValueError, match=r"point_coords must be \(N, 2\) for one prompt"):
         predictor.predict(point_coords=np.ones((2, 1, 2)), point_labels=np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_decoding_in_prompt_groups_equals_all_at_once(tiny_sam, with_masks):
+    """decode_group_size decodes the prompts group by group (lax.map); the outputs, order
+    included, equal decoding all of them at once, with shared or per-prompt image work."""
+    rng = np.random.default_rng(4)
+    emb = inference.embed_images(
+        tiny_sam.variables, rng.normal(size=(2, 128, 128, 3)).astype(np.float32),
+        config=tiny_sam.config)
+    prompts = inference.make_prompt_batch(
+        tiny_sam.config, coords=[rng.uniform(0, 128, (n, 2)) for n in (1, 2, 3, 1, 2, 1, 3)],
+        labels=[rng.integers(0, 2, n) for n in (1, 2, 3, 1, 2, 1, 3)],
+        image_index=[0, 1, 0, 0, 1, 1, 0] if with_masks else None)
+    emb = emb if with_masks else emb[:1]
+    outputs = {}
+    for group in (0, 2, 4):
+        config = tiny_sam.config.replace(decode_group_size=group)
+        outputs[group] = [np.asarray(x) for x in inference.decode_prompts(
+            tiny_sam.variables, emb, prompts, config=config, with_masks=with_masks)]
+    assert outputs[0][0].shape == (8, 3, 32, 32)
+    for group in (2, 4):
+        for a, b in zip(outputs[group], outputs[0]):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=f"group {group}")

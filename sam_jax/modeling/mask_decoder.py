@@ -121,9 +121,11 @@ class MaskDecoder(nn.Module):
         x = gelu(up1(gelu(ln(up0(x)))))  # (B, h, w, 2, 2, 2, 2, C/8) sub-pixel layout
         hyper_in = jnp.stack([mlp(mask_tokens_out[:, i, :])
                               for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
-        masks = jnp.einsum("bmk,bhwacdek->bmhwacde", hyper_in.astype(self.dtype), x,
+        # Mask index last: the large feature map is read in its own layout (contracting its
+        # minor axis) and only the small result is transposed.
+        masks = jnp.einsum("bhwacdek,bmk->bhwacdem", x, hyper_in.astype(self.dtype),
                            preferred_element_type=jnp.float32)
         # row 4i + 2a + d, column 4j + 2c + e
-        masks = masks.transpose(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
+        masks = masks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, -1, 4 * h, 4 * w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .common import LayerNorm, MLPBlock, dense, named, relu
+from .common import LayerNorm, MLPBlock, named, relu
 
 
 # At most this many queries or keys: attention with block-diagonal matmuls (below).
@@ -74,8 +74,86 @@ def _attention_small_side(q, k, v, num_heads, key_mask):
         b, nq, -1)
 
 
+class Linear(nn.Module):
+    """nn.Dense's parameters (kernel (in, out), bias) and output (float32 accumulation), with
+    the weights also readable by the parent, which folds them into the other attention side."""
+
+    in_features: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                                 (self.in_features, self.features), jnp.float32)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+
+    def __call__(self, x):
+        return jnp.dot(x.astype(self.dtype), self.kernel.astype(self.dtype),
+                       preferred_element_type=jnp.float32) + self.bias
+
+
+def _token_to_image_folded(q_tok, k_img, v_img, q_proj, k_proj, v_proj, num_heads, dtype):
+    """Attention of T prompt tokens to N image tokens of their own prompt (B, N, D), without
+    projecting the N image tokens.
+
+    The key projection is moved onto the queries: (q Wq_h) . (x Wk_h + bk_h) =
+    (Wk_h (q Wq_h)) . x + const, and the constant (per query and head) cancels in the softmax
+    over keys. The value projection is applied after the weighted sum, which is linear and whose
+    weights sum to one: sum_n p_n (x_n Wv_h + bv_h) = (sum_n p_n x_n) Wv_h + bv_h. Returns the
+    per-head outputs (B, T, internal) before out_proj."""
+    b, t, d = q_tok.shape
+    c = q_proj.features // num_heads
+    f32 = jnp.float32
+    q = q_proj(q_tok).reshape(b, t, num_heads, c)
+    wk = k_proj.kernel.reshape(d, num_heads, c)
+    folded = jnp.einsum("bthc,dhc->bdht", q, wk) * (1.0 / jnp.sqrt(f32(c)))
+    scores = jnp.einsum("bnd,bdq->bnq", k_img.astype(dtype),
+                        folded.reshape(b, d, -1).astype(dtype), preferred_element_type=f32)
+    probs = jax.nn.softmax(scores, axis=1).astype(dtype)  # over the N image tokens
+    mixed = jnp.einsum("bnq,bnd->bqd", probs, v_img.astype(dtype), preferred_element_type=f32)
+    wv = v_proj.kernel.reshape(d, num_heads, c)
+    out = jnp.einsum("bhtd,dhc->bthc", mixed.reshape(b, num_heads, t, d), wv)
+    return (out + v_proj.bias.reshape(num_heads, c)).reshape(b, t, -1)
+
+
+def _image_to_token_folded(q_img, k_tok, v_tok, key_mask, q_proj, k_proj, v_proj, out_proj,
+                           num_heads, dtype):
+    """Attention of N image tokens (B or 1, N, D) to T prompt tokens, out_proj included,
+    without projecting the N image tokens.
+
+    The query projection is moved onto the keys: (x Wq_h + bq_h) . k_h = x . (Wq_h k_h) +
+    bq_h . k_h (this term varies over the keys, so it is kept), and out_proj onto the values:
+    sum_h (sum_t p_ht v_ht) Wo_h = sum_ht p_ht (v_ht Wo_h). Returns (B, N, D)."""
+    b, t, d = k_tok.shape
+    c = k_proj.features // num_heads
+    f32 = jnp.float32
+    scale = 1.0 / jnp.sqrt(f32(c))
+    k = k_proj(k_tok).reshape(b, t, num_heads, c)
+    v = v_proj(v_tok).reshape(b, t, num_heads, c)
+    wq = q_proj.kernel.reshape(d, num_heads, c)
+    folded = jnp.einsum("bthc,dhc->bdht", k, wq) * scale
+    offset = jnp.einsum("bthc,hc->bht", k, q_proj.bias.reshape(num_heads, c)) * scale
+    x = q_img.astype(dtype)
+    scores = jnp.einsum("bnd,bdq->bnq" if x.shape[0] == b else "nd,bdq->bnq",
+                        x if x.shape[0] == b else x[0], folded.reshape(b, d, -1).astype(dtype),
+                        preferred_element_type=f32)
+    scores = scores.reshape(b, -1, num_heads, t) + offset[:, None]
+    scores = _masked_scores(scores, key_mask, 3)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b, -1, num_heads * t).astype(dtype)
+    wo = out_proj.kernel.reshape(num_heads, c, d)
+    values_out = jnp.einsum("bthc,hcd->bhtd", v, wo).reshape(b, num_heads * t, d)
+    out = jnp.einsum("bnq,bqd->bnd", probs, values_out.astype(dtype), preferred_element_type=f32)
+    return out + out_proj.bias
+
+
 class Attention(nn.Module):
-    """Multi-head attention whose q/k/v projections may downscale the embedding."""
+    """Multi-head attention whose q/k/v projections may downscale the embedding.
+
+    Between a few prompt tokens and the N image tokens, the projection of the image side is
+    folded into the token side when that takes fewer flops (`_token_to_image_folded`,
+    `_image_to_token_folded`): per prompt it avoids projecting N x D image tokens, which was
+    most of the decoder's time with many prompts. The sums are regrouped, so results equal the
+    official ones up to float rounding."""
 
     embedding_dim: int
     num_heads: int
@@ -84,22 +162,38 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, q, k, v, key_mask: Optional[jax.Array] = None):
-        internal = self.embedding_dim // self.downsample_rate
-        if internal % self.num_heads:
+        d, dt, heads = self.embedding_dim, self.dtype, self.num_heads
+        internal = d // self.downsample_rate
+        if internal % heads:
             raise ValueError("num_heads must divide embedding_dim // downsample_rate")
-        q = dense(internal, "q_proj", self.dtype)(q)
-        k = dense(internal, "k_proj", self.dtype)(k)
-        v = dense(internal, "v_proj", self.dtype)(v)
+        q_proj, k_proj, v_proj = (Linear(d, internal, dt, name=n)
+                                  for n in ("q_proj", "k_proj", "v_proj"))
+        out_proj = Linear(internal, d, dt, name="out_proj")
+        batch = max(q.shape[0], k.shape[0], v.shape[0])
+        nq, nk = q.shape[1], k.shape[1]
+        pairs = heads * min(nq, nk)  # columns of the block-diagonal score matmul
+        if nq <= SMALL_SIDE < nk:
+            # flops per image token: project k and v (once if shared) + block-diagonal
+            # scores and values, against the folded scores and weighted sums.
+            plain = 4 * k.shape[0] * d * internal + 4 * batch * internal * pairs
+            if 4 * batch * d * pairs < plain:
+                out = _token_to_image_folded(q, k, v, q_proj, k_proj, v_proj, heads, dt)
+                return out_proj(out.astype(dt)).astype(jnp.float32)
+        elif nk <= SMALL_SIDE < nq:
+            plain = 2 * q.shape[0] * d * internal + 4 * batch * internal * pairs + \
+                2 * batch * internal * d
+            if 4 * batch * d * pairs < plain:
+                return _image_to_token_folded(q, k, v, key_mask, q_proj, k_proj, v_proj,
+                                              out_proj, heads, dt)
+        q, k, v = q_proj(q), k_proj(k), v_proj(v)
         # Image tokens shared by every prompt may come with batch 1 (see MaskDecoder): they are
         # projected once, then broadcast to the prompts.
-        batch = max(q.shape[0], k.shape[0], v.shape[0])
         q, k, v = (jnp.broadcast_to(x, (batch,) + x.shape[1:]) for x in (q, k, v))
         if min(q.shape[1], k.shape[1]) <= SMALL_SIDE:
-            out = _attention_small_side(q, k, v, self.num_heads, key_mask)
+            out = _attention_small_side(q, k, v, heads, key_mask)
         else:
-            out = _attention_heads(q, k, v, self.num_heads, key_mask)
-        out = out.astype(self.dtype)
-        return dense(self.embedding_dim, "out_proj", self.dtype)(out).astype(jnp.float32)
+            out = _attention_heads(q, k, v, heads, key_mask)
+        return out_proj(out.astype(dt)).astype(jnp.float32)
 
 
 class TwoWayAttentionBlock(nn.Module):
