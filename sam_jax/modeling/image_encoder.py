@@ -89,15 +89,21 @@ def attention_with_rel_pos(q, k, v, rel_pos_h, rel_pos_w, hw: Tuple[int, int],
             scores = scores.reshape(b, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
             scores = scores.reshape(b, r, w, h * w)
         weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-        total = weights.sum(-1, keepdims=True)
         out = jnp.einsum("brwk,bkc->brwc", weights.astype(v_head.dtype), v_head,
                          preferred_element_type=f32)
-        return out / total
+        if v_head.shape[-1] > c:  # the appended column of ones summed the weights
+            return out[..., :c] / out[..., c:]
+        return out / weights.sum(-1, keepdims=True)
 
     def head_attention(args):
         q_head, k_head, v_head = args  # (B, H*W, C)
         q_head = q_head.reshape(b, h, w, c)
         k_t = k_head.transpose(0, 2, 1)
+        if v_head.dtype != f32:
+            # Below float32, a column of ones appended to v makes the value matmul return the
+            # softmax denominator too (measured 4% faster on the bf16 encoder; at float32 the
+            # separate sum is faster). The sum then uses the rounded weights it divides.
+            v_head = jnp.concatenate([v_head, jnp.ones_like(v_head[..., :1])], axis=-1)
         if rows == h:
             return rows_attention(q_head, k_t, v_head, 0)
         chunks = q_head.reshape(b, h // rows, rows, w, c).transpose(1, 0, 2, 3, 4)
