@@ -15,6 +15,7 @@ from .build_sam import abstract_variables, build_sam, init_variables
 from .checkpoint import CheckpointError
 from .configs import SamConfig, get_config, tiny, vit_b, vit_h, vit_l
 from .inference import SamModel
+from .automatic_mask_generator import SamAutomaticMaskGenerator
 from .predictor import SamPredictor
 from .utils.host_memory import keep_freed_host_memory
 
@@ -31,6 +32,7 @@ def load(path: str | os.PathLike, model_type: str = "auto",
     return SamModel(config, variables)
 
 
-__all__ = ["CheckpointError", "SamConfig", "SamModel", "SamPredictor", "abstract_variables",
+__all__ = ["CheckpointError", "SamAutomaticMaskGenerator", "SamConfig", "SamModel", "SamPredictor",
+           "abstract_variables",
            "build_sam", "get_config", "init_variables", "keep_freed_host_memory", "load", "tiny",
            "vit_b", "vit_h", "vit_l"]

@@ -4,6 +4,7 @@
   sam-jax convert CHECKPOINT OUT_DIR [--model-type auto|vit_b|vit_l|vit_h|tiny] [--overwrite]
   sam-jax segment IMAGE --checkpoint PATH [--point X,Y[,LABEL]]... [--box X0,Y0,X1,Y1]
                   [--multimask] -o OUT_PREFIX
+  sam-jax generate INPUT... --checkpoint PATH -o OUT_DIR [generator options] [--visualize]
 
 `segment` writes OUT_PREFIX.png (the chosen mask, 0/255 grayscale), OUT_PREFIX_overlay.png
 (the mask over the image) and OUT_PREFIX.json (scores, chosen index, image size, prompt,
@@ -100,8 +101,8 @@ def parse_box(spec: str) -> Tuple[float, float, float, float]:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog=PROG, description="Segment Anything in JAX: convert checkpoints and "
-                     "segment images from prompts.")
+    parser = _Parser(prog=PROG, description="Segment Anything in JAX: convert checkpoints, "
+                     "segment images from prompts, generate SA-1B annotations.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "out/truck_overlay.png, out/truck.json")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     seg.set_defaults(run=run_segment)
+
+    from .cli_generate import add_parser as add_generate_parser
+    add_generate_parser(sub, MODEL_TYPE_CHOICES)
     return parser
 
 

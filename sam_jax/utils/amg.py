@@ -65,7 +65,8 @@ def generate_crop_boxes(im_size: Tuple[int, int], n_layers: int,
 
 
 def box_xyxy_to_xywh(box: Sequence[float]) -> List[float]:
-    x0, y0, x1, y1 = (float(v) for v in box)
+    """XYXY -> XYWH as a list of Python numbers (ints stay ints, as the official records)."""
+    x0, y0, x1, y1 = np.asarray(box).tolist()
     return [x0, y0, x1 - x0, y1 - y0]
 
 
