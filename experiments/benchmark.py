@@ -7,6 +7,10 @@ from the child's rusage) on the same seeded random vit_b weights:
   encoder      image encoder, vit_b, 1024x1024, batch 1
   decode-1     prompt encoder + mask decoder + upscaling to the image size, 1 point prompt
   decode-64    the same for 64 single-point prompts in one call
+  amg          automatic mask generation (SamAutomaticMaskGenerator defaults: 32x32 grid, 64
+               points a batch) on the image resized to 1024 px on its longest side; one timed
+               run each (the official takes minutes), JAX after a warm-up run; the JAX side
+               also reports where its time goes
 The official model is run as a user gets it (`pip install segment-anything`, stock torch,
 default threads); sam_jax runs at float32 (the parity setting) and with bfloat16 compute.
 Times are the best of `--repeats` runs after one warm-up (compilation excluded, reported
@@ -23,7 +27,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("encoder", "decode-1", "decode-64")
+TASKS = ("encoder", "decode-1", "decode-64", "amg")
 
 
 def _best(fn, repeats):
@@ -50,6 +54,13 @@ def run_torch(task, image, repeats):
 
     torch.manual_seed(0)
     sam = sam_model_registry["vit_b"]().eval()
+    if task == "amg":
+        from segment_anything import SamAutomaticMaskGenerator
+        generator = SamAutomaticMaskGenerator(sam)
+        with torch.no_grad():
+            start = time.perf_counter()
+            masks = generator.generate(_amg_image(image))
+            return time.perf_counter() - start, {"masks": len(masks)}
     pred = SamPredictor(sam)
     if task == "encoder":
         x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 1024, 1024))
@@ -64,6 +75,15 @@ def run_torch(task, image, repeats):
     return _best(lambda: pred.predict_torch(c, lab, multimask_output=True), repeats)
 
 
+def _amg_image(image):
+    from PIL import Image
+    import numpy as np
+    h, w = image.shape[:2]
+    scale = 1024 / max(h, w)
+    size = (round(w * scale), round(h * scale))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
 def run_jax(task, image, repeats, dtype):
     import jax
     import numpy as np
@@ -73,6 +93,16 @@ def run_jax(task, image, repeats, dtype):
     sam_jax.keep_freed_host_memory()  # as the sam-jax command does; see utils/host_memory.py
     cfg = sam_jax.vit_b().replace(compute_dtype=dtype)
     variables = sam_jax.init_variables(cfg, jax.random.key(0))
+    if task == "amg":
+        generator = sam_jax.SamAutomaticMaskGenerator(sam_jax.SamModel(cfg, variables))
+        small = _amg_image(image)
+        start = time.perf_counter()
+        generator.generate(small)  # warm-up: compiles
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        masks = generator.generate(small)
+        seconds = time.perf_counter() - start
+        return seconds, compile_s, {"masks": len(masks), "stages": generator.last_timings}
     if task == "encoder":
         x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(1, 1024, 1024, 3))
                               .astype(np.float32))
@@ -108,10 +138,12 @@ def worker(args):
 
     image = np.asarray(Image.open(args.image).convert("RGB"))
     if args.impl == "torch":
-        seconds, compile_s = run_torch(args.task, image, args.repeats), None
+        out = run_torch(args.task, image, args.repeats)
+        (seconds, extra), compile_s = (out if isinstance(out, tuple) else (out, {})), None
     else:
-        seconds, compile_s = run_jax(args.task, image, args.repeats, args.impl.split("-")[1])
-    print(json.dumps({"seconds": seconds, "compile_s": compile_s}))
+        out = run_jax(args.task, image, args.repeats, args.impl.split("-")[1])
+        seconds, compile_s, extra = out if len(out) == 3 else out + ({},)
+    print(json.dumps({"seconds": seconds, "compile_s": compile_s, **extra}))
 
 
 def measure(impl, task, args):
@@ -128,13 +160,13 @@ def measure(impl, task, args):
     return result
 
 
-def draw(results, impls, path):
+def draw(results, impls, tasks, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.2))
-    for ax, task in zip(axes, TASKS):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
         vals = [results[(i, task)]["seconds"] for i in impls]
         ax.bar(impls, vals, color=["tab:gray", "tab:blue", "tab:green"][:len(impls)])
         ax.set_title(task)
@@ -151,6 +183,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out-png", default=None, help="also draw the table as a bar chart")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
@@ -158,8 +192,12 @@ def main():
     if args.worker:
         return worker(args)
     impls = ["torch", "jax-float32"] + ([] if args.skip_bf16 else ["jax-bfloat16"])
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        ap.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     results = {}
-    for task in TASKS:
+    for task in tasks:
         for impl in impls:
             results[(impl, task)] = measure(impl, task, args)
             r = results[(impl, task)]
@@ -172,14 +210,14 @@ def main():
         f"sam_jax {i.split('-')[1]} | speed-up" for i in impls[1:]) + " |"
     print(head)
     print("|" + "---|" * (2 + 2 * (len(impls) - 1)))
-    for task in TASKS:
+    for task in tasks:
         t = results[("torch", task)]["seconds"]
         row = f"| {task} | {t:.3f} s |"
         for impl in impls[1:]:
             s = results[(impl, task)]["seconds"]
             row += f" {s:.3f} s | {t / s:.1f}x |"
         print(row)
-    for task in TASKS:
+    for task in tasks:
         row = f"| peak RSS {task} | {results[('torch', task)]['peak_gb']:.2f} GiB |"
         for impl in impls[1:]:
             m = results[(impl, task)]["peak_gb"]
@@ -187,9 +225,18 @@ def main():
         print(row)
     print("\nJAX compile time (first call, excluded above): " + ", ".join(
         f"{impl} {task} {results[(impl, task)]['compile_s']:.1f} s"
-        for impl in impls[1:] for task in TASKS))
+        for impl in impls[1:] for task in tasks))
+    if "amg" in tasks:
+        print("\nAutomatic mask generation: masks found " + ", ".join(
+            f"{impl} {results[(impl, 'amg')]['masks']}" for impl in impls) +
+            " (random weights: counts differ between float32 and bfloat16 runs)")
+        for impl in impls[1:]:
+            stages = results[(impl, "amg")]["stages"]
+            total = results[(impl, "amg")]["seconds"]
+            print(f"  {impl} time by stage: " + ", ".join(
+                f"{name} {sec:.2f} s ({100 * sec / total:.0f}%)" for name, sec in stages.items()))
     if args.out_png:
-        draw(results, impls, args.out_png)
+        draw(results, impls, tasks, args.out_png)
         print(f"chart written to {args.out_png}")
 
 

@@ -28,7 +28,7 @@ from .configs import SamConfig
 from .modeling import PAD_LABEL, Sam
 from .utils.transforms import ResizeLongestSide
 
-MIN_TOKENS = 4
+MIN_TOKENS = 2  # a single point (+ its not-a-point pad) or a box: the common prompts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -263,7 +263,7 @@ def test_multi_image_decode(tiny_sam, tiny_config):
 # ---- no retracing -------------------------------------------------------------------------------
 
 def test_no_retrace_within_bucket(tiny_sam, tiny_config):
-    """Prompt counts 3..8 (buckets 4 and 8) with 1..3 points (token bucket 4) compile
+    """Prompt counts 3..8 (buckets 4 and 8) with 1..3 points (token buckets 2 and 4) compile
     `decode_prompts` and `postprocess_masks` at most once per bucket, a second image of the
     same size does not trace `embed_images` again, and padded results equal unpadded ones
     prompt by prompt."""
@@ -281,13 +281,13 @@ def test_no_retrace_within_bucket(tiny_sam, tiny_config):
     for multimask in (True, False):
         outputs, seen_buckets = {}, set()
         for b in (3, 4, 5, 6, 7, 8):  # prompt buckets 4 (3, 4) and 8 (5..8)
-            for n in (1, 2, 3):  # 2..4 tokens with the not-a-point token: token bucket 4
+            for n in (1, 2, 3):  # 2..4 tokens with the not-a-point token: token buckets 2, 4
                 coords = rng.uniform(0, [width, height], size=(b, n, 2))
                 labels = rng.integers(0, 2, size=(b, n))
                 before = caches()
                 outputs[b, n] = (coords, labels, p.predict_batch(coords, labels,
                                                                  multimask_output=multimask))
-                bucket = 4 if b <= 4 else 8
+                bucket = (4 if b <= 4 else 8, 2 if n == 1 else 4)
                 new = tuple(a - c for a, c in zip(caches(), before))
                 # at most one compilation of each function per bucket, on its first call
                 assert new in ((0, 0), (1, 1), (0, 1), (1, 0)), (b, n, new)
@@ -323,7 +323,7 @@ def test_no_retrace_counted_by_side_effect(tiny_sam, tiny_config):
                 tiny_config, coords=rng.uniform(0, 128, (b, n, 2)),
                 labels=rng.integers(0, 2, (b, n)))
             decode(tiny_sam.variables, emb, batch)
-    assert traces == [(8, 4, 2)]
+    assert traces == [(8, 2, 2), (8, 4, 2)]  # token buckets 2 (one point) and 4 (2-3 points)
 
 
 def test_decode_without_mask_inputs_shares_image_work_exactly(tiny_sam):
