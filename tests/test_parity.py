@@ -234,8 +234,8 @@ def test_tiny_predictor_embedding(tiny_predictors):
 def test_tiny_predictor_masks(tiny_predictors, prompt, multimask):
     tp, jp, width, height, mask_input = tiny_predictors
     kw = scaled_prompt(prompt, width, height, mask_input)
-    check_predict_matches(f"tiny predict {width}x{height} {prompt} multimask={multimask}", tp, jp, kw,
-                    multimask)
+    check_predict_matches(f"tiny predict {width}x{height} {prompt} multimask={multimask}", tp,
+                          jp, kw, multimask)
 
 
 # ==== postprocessing at full size ============================================================
