@@ -34,6 +34,9 @@ def add_parser(sub, model_type_choices) -> None:
     gen.add_argument("--model-type", default="auto", choices=model_type_choices)
     gen.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
                      help="folder for the JSON files (created if needed)")
+    gen.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="dtype of the model's matmuls (params stay float32); bfloat16 is "
+                     "~1.3x faster on CPU, float32 matches the official model (default)")
     gen.add_argument("--visualize", action="store_true",
                      help="also write OUT_DIR/<stem>.png with every mask drawn in a color")
     defaults = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
@@ -105,6 +108,9 @@ def run_generate(args) -> int:
         print(f"nothing to do: all {len(images)} images have their JSON in {args.output}")
         return 0
     model = _load_model(args)
+    if args.compute_dtype != model.config.compute_dtype:
+        from .inference import SamModel
+        model = SamModel(model.config.replace(compute_dtype=args.compute_dtype), model.variables)
     options = {name: getattr(args, name) for name in args.generator_options}
     try:
         generator = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **options)

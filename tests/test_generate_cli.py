@@ -84,6 +84,15 @@ def test_rerun_skips_finished_images(checkpoint, tmp_path, capsys):
     assert os.stat(out / "img0.json").st_mtime_ns == before
 
 
+def test_bfloat16_compute(checkpoint, tmp_path):
+    images = _folder(tmp_path / "in", [(120, 90)])
+    out = tmp_path / "out"
+    assert cli.main(["generate", str(images / "img0.jpg"), "--checkpoint", checkpoint, "-o",
+                     str(out), "--compute-dtype", "bfloat16"] + FAST) == 0
+    data = sa1b.read_sa1b(str(out / "img0.json"))
+    assert data["annotations"] and data["image"]["width"] == 120
+
+
 def test_killed_run_resumes_without_duplicates_or_broken_files(checkpoint, tmp_path):
     images = _folder(tmp_path / "in", [(240, 160)] * 6)
     out = tmp_path / "out"
