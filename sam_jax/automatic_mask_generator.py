@@ -26,7 +26,6 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import inference
@@ -35,11 +34,11 @@ from .predictor import SamPredictor
 from .utils import amg
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# Wall seconds per stage of the last `generate`, in `generator.last_timings`.
 # Prompts whose masks are upscaled together when measuring stability and boxes: the
 # full-size logits of 4 x 3 masks stay cache-friendly (2, 4: 1.55 s a batch of 64 at
 # 1024x683 on the 2-core CPU; 8: 1.8 s; 64: 2.0 s).
 STATS_GROUP = 4
+# Wall seconds per stage of the last `generate`, in `generator.last_timings`.
 TIMED_STAGES = ("embed", "decode and filter", "nms, masks and rle", "small regions")
 
 
@@ -58,9 +57,7 @@ def _batch_stats(variables, features, prompts, stability_offset, *, config, inpu
     def measure(logits_group):  # (group, 3, 4h, 4w): full-size logits exist one group at a time
         full = upscale(logits_group)
         stability = amg.stability_score(full, threshold, stability_offset)
-        masks = full > threshold
-        boxes = amg.boxes_from_any(jnp.any(masks, axis=-1), jnp.any(masks, axis=-2))
-        return stability, boxes
+        return stability, amg.masks_to_boxes(full > threshold)
 
     p = low_res.shape[0]
     group = math.gcd(group, p)
