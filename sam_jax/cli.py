@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_generate import add_parser as add_generate_parser
     add_generate_parser(sub, MODEL_TYPE_CHOICES)
+    from .cli_train import add_parser as add_train_parser
+    add_train_parser(sub)
     return parser
 
 

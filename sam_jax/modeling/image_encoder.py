@@ -147,8 +147,25 @@ class Attention(nn.Module):
         return dense(self.dim, "proj", self.dtype)(out)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth for training (not in the official inference code): drops a residual
+    branch for whole samples with probability `rate`, rescaling the kept ones by 1/(1-rate)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block with windowed (window_size > 0) or global attention."""
+    """Pre-norm transformer block with windowed (window_size > 0) or global attention.
+    `drop_path` > 0 drops the attention and MLP branches when `deterministic` is False."""
 
     dim: int
     num_heads: int
@@ -159,9 +176,10 @@ class Block(nn.Module):
     input_size: Tuple[int, int] = (64, 64)
     chunk_size: int = 0
     dtype: jnp.dtype = jnp.float32
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         shortcut = x
         x = LayerNorm(1e-6, name="norm1")(x)
         if self.window_size > 0:
@@ -173,10 +191,10 @@ class Block(nn.Module):
                       dtype=self.dtype, name="attn")(x)
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
-        x = shortcut + x
+        x = shortcut + DropPath(self.drop_path)(x, deterministic)
         y = LayerNorm(1e-6, name="norm2")(x)
-        return x + MLPBlock(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype,
-                            name="mlp")(y)
+        y = MLPBlock(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+        return x + DropPath(self.drop_path)(y, deterministic)
 
 
 class PatchEmbed(nn.Module):
@@ -194,14 +212,19 @@ class PatchEmbed(nn.Module):
 
 
 class ImageEncoderViT(nn.Module):
-    """(B, S, S, 3) normalized, padded images -> (B, S/16, S/16, out_chans) embeddings."""
+    """(B, S, S, 3) normalized, padded images -> (B, S/16, S/16, out_chans) embeddings.
+
+    Training options (inference never uses them): `config.drop_path_rate` is the stochastic
+    depth of the last block, rising linearly from 0 at the first (ViTDet's rule), active when
+    `deterministic` is False; `config.remat_blocks` recomputes each block's activations in the
+    backward pass instead of storing them."""
 
     config: "ImageEncoderConfig"  # noqa: F821
     chunk_size: int = 0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         cfg = self.config
         x = x.astype(self.dtype)
         x = PatchEmbed(cfg.patch_size, cfg.embed_dim, self.dtype, name="patch_embed")(x)
@@ -210,10 +233,14 @@ class ImageEncoderViT(nn.Module):
             pos_embed = self.param("pos_embed", nn.initializers.zeros,
                                    (1, grid, grid, cfg.embed_dim))
             x = x + pos_embed.astype(x.dtype)
+        # argument 2 of Block.__call__ (self = 0) is `deterministic`, a Python bool
+        block_cls = nn.remat(Block, static_argnums=(2,)) if cfg.remat_blocks else Block
         for i in range(cfg.depth):
             window = 0 if i in cfg.global_attn_indexes else cfg.window_size
-            x = Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.use_rel_pos,
-                      window, (grid, grid), self.chunk_size, self.dtype, name=f"blocks.{i}")(x)
+            rate = cfg.drop_path_rate * i / max(cfg.depth - 1, 1)
+            x = block_cls(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                          cfg.use_rel_pos, window, (grid, grid), self.chunk_size, self.dtype,
+                          rate, name=f"blocks.{i}")(x, deterministic)
         conv = lambda feat, k, name: nn.Conv(feat, (k, k), padding=[(k // 2, k // 2)] * 2,  # noqa
                                              use_bias=False, dtype=self.dtype,
                                              param_dtype=jnp.float32, name=name)

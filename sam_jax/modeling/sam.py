@@ -32,9 +32,10 @@ class Sam(nn.Module):
                                         md.attention_downsample_rate, md.num_multimask_outputs,
                                         md.iou_head_depth, md.iou_head_hidden_dim, dtype)
 
-    def embed_image(self, images):
-        """(B, S, S, 3) normalized, padded images -> (B, S/16, S/16, 256)."""
-        return self.image_encoder(images)
+    def embed_image(self, images, deterministic: bool = True):
+        """(B, S, S, 3) normalized, padded images -> (B, S/16, S/16, 256). Training passes
+        deterministic=False (and a "dropout" rng) to turn on drop path."""
+        return self.image_encoder(images, deterministic)
 
     def encode_prompts(self, points=None, boxes=None, masks=None):
         """Official prompt-encoder semantics (see PromptEncoder.__call__)."""
@@ -55,6 +56,12 @@ class Sam(nn.Module):
     def decode(self, image_embeddings, sparse, dense, multimask_output: bool, token_mask=None):
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
                                  dense, multimask_output, token_mask)
+
+    def decode_all(self, image_embeddings, sparse, dense, token_mask=None):
+        """All 1 + num_multimask_outputs masks and IoU predictions, unsliced (training picks
+        the single-mask or the multimask outputs per prompt)."""
+        return self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.get_dense_pe(),
+                                               sparse, dense, token_mask)
 
     def __call__(self, images, coords, labels, mask_inputs):
         """Every stage once (a mask prompt and the no-mask embedding): creates all variables."""

@@ -1,0 +1,241 @@
+"""The training loop behind `sam-jax train`: data, sharded jitted steps, checkpoints, metrics,
+evaluation and the exported inference checkpoint.
+
+A run lives in `workdir`:
+  checkpoints/   Orbax steps (state + the config and metrics of that step), last `keep` kept
+  metrics.jsonl  one JSON line per logged step and per evaluation
+  curves.png     loss / IoU / learning-rate curves (redrawn at each evaluation and at the end)
+  tfds/          the prepared dataset (unless data.data_dir says elsewhere)
+  final/         the trained model as a converted checkpoint (`sam_jax.load` / `--checkpoint`)
+Starting again in the same workdir resumes from the latest checkpoint: the state is restored
+into the same shardings, and since batches and random keys are functions of the step number,
+the resumed run computes exactly what the uninterrupted run would have. SIGTERM (a TPU
+preemption notice) saves the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..build_sam import init_variables
+from ..inference import SamModel
+from ..sharding import data_mesh
+from .config import TrainConfig
+from .optim import make_optimizer
+from .train_step import compile_train_step, global_batch, init_state, place_state
+
+
+def _prepare_data(cfg: TrainConfig):
+    from . import datasets
+
+    data = cfg.data
+    data_dir = data.data_dir or os.path.join(cfg.workdir, "tfds")
+    if not data.root:
+        raise ValueError("data.root is empty: give the dataset folder (e.g. data.root=/path)")
+    if data.kind == "image_mask_folder":
+        builder = datasets.prepare_image_mask_folder(data.root, data_dir,
+                                                     holdout_groups=data.holdout_groups)
+    elif data.kind == "sa1b":
+        builder = datasets.prepare_sa1b_folder(data.root, data_dir,
+                                               images_dir=data.images_dir or None,
+                                               validation_fraction=data.validation_fraction)
+    else:
+        raise ValueError(f"unknown data.kind {data.kind!r}: expected image_mask_folder or sa1b")
+    train = datasets.load_source(builder, "train")
+    has_eval = "validation" in builder.info.splits
+    return train, (datasets.load_source(builder, "validation") if has_eval else None)
+
+
+def _initial_variables(cfg: TrainConfig):
+    if cfg.init_from:
+        from ..checkpoint import load_variables
+
+        config, variables = load_variables(cfg.init_from, config=None)
+        if jax.tree.map(np.shape, variables["params"]) != jax.tree.map(
+                np.shape, jax.eval_shape(lambda: init_variables(cfg.model, jax.random.key(0)))
+                ["params"]):
+            raise ValueError(f"{cfg.init_from}: its parameters do not match the configured "
+                             "model; set model to the checkpoint's type")
+        return variables
+    return init_variables(cfg.model, jax.random.key(cfg.step.seed))
+
+
+class MetricsLog:
+    """Appends JSON lines; on resume, drops lines past the restored step (they will be redone)."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if rec.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, [r["loss"] for r in train], label="loss")
+        axes[0].set_yscale("log")
+        axes[1].plot(steps, [r["iou_first_round"] for r in train], label="train IoU, round 1")
+        axes[1].plot(steps, [r["iou_last_round"] for r in train], label="train IoU, round 11")
+        axes[2].plot(steps, [r["learning_rate"] for r in train])
+    for key in ("miou_1", "miou_3", "oracle_1"):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), "o-", label=f"held-out {key}")
+    axes[0].set_title("training loss")
+    axes[1].set_title("IoU")
+    axes[1].legend(fontsize=8)
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _evaluate(cfg: TrainConfig, params, buffers, source, step: int) -> dict[str, Any]:
+    from .data import eval_examples
+    from .evaluate import evaluate_clicks
+
+    model = SamModel(cfg.model, {"params": jax.device_get(params),
+                                 "buffers": jax.device_get(buffers)})
+    examples = eval_examples(source, max_examples=cfg.eval_images)
+    result = evaluate_clicks(model, examples, num_clicks=cfg.eval_clicks)
+    return {"kind": "eval", "step": step, **result}
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) the configured training. `stop_after` ends the process's work after
+    that many steps of this call (tests use it to simulate an interrupted run). Returns the
+    final state (host arrays) and the last metrics."""
+    from .checkpointing import PreemptionWatcher, TrainCheckpointer
+    from .data import TrainLoader
+
+    if cfg.distributed:
+        jax.distributed.initialize()
+    if cfg.batch_size % jax.device_count():
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {jax.device_count()} "
+                         "devices (each device takes an equal share of the images)")
+    os.makedirs(cfg.workdir, exist_ok=True)
+    train_source, eval_source = _prepare_data(cfg)
+    mesh = data_mesh()
+    variables = _initial_variables(cfg)
+    params, buffers = variables["params"], variables["buffers"]
+    optimizer = make_optimizer(cfg.optim, params)
+    compiled = compile_train_step(cfg.model, cfg.optim, cfg.step,
+                                  jax.eval_shape(lambda: params), jax.eval_shape(lambda: buffers),
+                                  mesh, fsdp=cfg.fsdp, optimizer=optimizer)
+    buffers = jax.device_put(buffers, compiled.buffers_sharding)
+
+    ckpt = TrainCheckpointer(os.path.join(os.path.abspath(cfg.workdir), "checkpoints"),
+                             save_every=cfg.save_every, keep=cfg.keep)
+    start = ckpt.latest_step()
+    if start is None:
+        state = place_state(params, optimizer, compiled.state_sharding)
+        start = 0
+    else:
+        abstract = jax.eval_shape(lambda p: init_state(p, optimizer), params)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, compiled.state_sharding)
+        state = ckpt.restore(abstract, start)
+    del params
+    log = MetricsLog(os.path.join(cfg.workdir, "metrics.jsonl"), start)
+    loader = TrainLoader(train_source, cfg.batch_size, image_size=cfg.model.image_size,
+                         max_masks=cfg.data.max_masks, seed=cfg.step.seed,
+                         num_workers=cfg.data.num_workers)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step")
+    metrics: dict[str, Any] = {}
+    step = start
+    t0 = time.time()
+    with PreemptionWatcher() as watcher:
+        batches = loader.batches(start, end - start)
+        try:
+            for step, local in batches:
+                state, metrics = compiled.step(state, global_batch(local, mesh), buffers)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == end:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    rate = (done - start) / max(time.time() - t0, 1e-9)
+                    log.write({"kind": "train", "step": done, "steps_per_s": rate, **metrics})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                        iou=f"{metrics['iou_last_round']:.3f}")
+                if bar is not None:
+                    bar.update(1)
+                if watcher.should_stop(done):
+                    ckpt.maybe_save(done, state, force=True, extra={"config": cfg.to_dict()})
+                    break
+                ckpt.maybe_save(done, state, extra={"config": cfg.to_dict(), "metrics": metrics})
+                if (cfg.eval_every and done % cfg.eval_every == 0 and eval_source is not None
+                        and done != cfg.steps):
+                    log.write(_evaluate(cfg, state["params"], buffers, eval_source, done))
+                    plot_curves(log.records(), os.path.join(cfg.workdir, "curves.png"))
+        finally:
+            batches.close()
+            loader.close()
+            ckpt.wait()
+    if bar is not None:
+        bar.close()
+    finished = int(jax.device_get(state["step"])) >= cfg.steps
+    if finished:
+        ckpt.maybe_save(cfg.steps, state, force=True, extra={"config": cfg.to_dict()})
+        ckpt.wait()
+        if eval_source is not None:
+            result = _evaluate(cfg, state["params"], buffers, eval_source, cfg.steps)
+            log.write(result)
+            metrics = dict(metrics, **{f"eval_{k}": v for k, v in result.items()
+                                       if k not in ("kind", "step")})
+        export_inference(cfg, state["params"], buffers)
+        plot_curves(log.records(), os.path.join(cfg.workdir, "curves.png"))
+    ckpt.close()
+    return {"state": jax.device_get(state), "metrics": metrics, "finished": finished}
+
+
+def export_inference(cfg: TrainConfig, params, buffers) -> str:
+    """Writes the trained variables as a converted checkpoint (`sam_jax.load` reads it)."""
+    from ..checkpoint import save_converted
+
+    out = cfg.export_dir or os.path.join(cfg.workdir, "final")
+    model = cfg.model.replace(image_encoder=cfg.model.image_encoder.__class__(
+        **{**cfg.model.image_encoder.__dict__, "drop_path_rate": 0.0, "remat_blocks": False}))
+    variables = {"params": jax.device_get(params), "buffers": jax.device_get(buffers)}
+    if jax.process_index() == 0:
+        save_converted(variables, model, out, overwrite=True,
+                       metadata={"source": f"trained by sam-jax train in {cfg.workdir}"})
+    return out
