@@ -21,18 +21,26 @@ from .utils.host_memory import keep_freed_host_memory
 
 __version__ = "0.1.0"
 
+# The small model trained here by `sam-jax train` (experiments/configs/davis_mini.json): the
+# default of `sam-jax segment` / `generate` and of `load()` with no path.
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
+                                  "sam_mini_davis")
 
-def load(path: str | os.PathLike, model_type: str = "auto",
+
+def load(path: str | os.PathLike | None = None, model_type: str = "auto",
          config: Optional[SamConfig] = None) -> SamModel:
     """Loads an official .pth, a Hugging Face SamModel .safetensors (or its folder), or a
-    directory written by `sam-jax convert`. Never executes code from the file."""
+    directory written by `sam-jax convert`. Never executes code from the file. With no path,
+    the bundled default model (`DEFAULT_CHECKPOINT`)."""
     from .checkpoint import load_variables
 
+    if path is None:
+        path = DEFAULT_CHECKPOINT
     config, variables = load_variables(path, model_type=model_type, config=config)
     return SamModel(config, variables)
 
 
-__all__ = ["CheckpointError", "SamAutomaticMaskGenerator", "SamConfig", "SamModel", "SamPredictor",
+__all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "SamAutomaticMaskGenerator", "SamConfig", "SamModel", "SamPredictor",
            "abstract_variables",
            "build_sam", "get_config", "init_variables", "keep_freed_host_memory", "load", "tiny",
            "vit_b", "vit_h", "vit_l"]

@@ -2,9 +2,13 @@
 `scripts/amg.py` only runs the automatic mask generator).
 
   sam-jax convert CHECKPOINT OUT_DIR [--model-type auto|vit_b|vit_l|vit_h|tiny] [--overwrite]
-  sam-jax segment IMAGE --checkpoint PATH [--point X,Y[,LABEL]]... [--box X0,Y0,X1,Y1]
+  sam-jax segment IMAGE [--checkpoint PATH] [--point X,Y[,LABEL]]... [--box X0,Y0,X1,Y1]
                   [--multimask] -o OUT_PREFIX
-  sam-jax generate INPUT... --checkpoint PATH -o OUT_DIR [generator options] [--visualize]
+  sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
+  sam-jax train --config CONFIG [KEY=VALUE ...]
+
+Without --checkpoint, segment and generate use the small model bundled in the package
+(sam_jax/weights/sam_mini_davis, trained by `sam-jax train` on DAVIS-2016; see README).
 
 `segment` writes OUT_PREFIX.png (the chosen mask, 0/255 grayscale), OUT_PREFIX_overlay.png
 (the mask over the image) and OUT_PREFIX.json (scores, chosen index, image size, prompt,
@@ -128,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         "coordinates of the image as displayed, after EXIF orientation) and write "
         "OUT_PREFIX.png, OUT_PREFIX_overlay.png and OUT_PREFIX.json.")
     seg.add_argument("image", help="image file (anything PIL reads)")
-    seg.add_argument("--checkpoint", required=True, metavar="PATH",
+    seg.add_argument("--checkpoint", metavar="PATH",
                      help="official .pth, HF .safetensors (or its folder), or a directory "
-                     "written by `sam-jax convert`")
+                     "written by `sam-jax convert` (default: the small model bundled with "
+                     "sam-jax, trained on DAVIS-2016; see README)")
     seg.add_argument("--model-type", default="auto", choices=MODEL_TYPE_CHOICES,
                      help="model of a .pth/.safetensors checkpoint (default: detect; a "
                      "converted directory carries its own)")
@@ -209,11 +214,26 @@ def _check_prompt_inside(points, box, width: int, height: int) -> None:
                        status=2)
 
 
+def _resolve_checkpoint(args) -> str:
+    """--checkpoint, or the bundled default model when none is given."""
+    from . import DEFAULT_CHECKPOINT
+
+    if args.checkpoint:
+        return args.checkpoint
+    if not os.path.isdir(DEFAULT_CHECKPOINT):
+        raise CliError("no --checkpoint given and the bundled default model is missing from "
+                       f"this install ({DEFAULT_CHECKPOINT}); pass --checkpoint PATH")
+    _info(args, "no --checkpoint: using the bundled mini model (trained here on DAVIS-2016 at "
+          "256 px; convert an official checkpoint for SAM's quality)")
+    args.checkpoint = DEFAULT_CHECKPOINT
+    return DEFAULT_CHECKPOINT
+
+
 def _load_model(args):
     from . import load
     from .checkpoint import CheckpointError
 
-    path = args.checkpoint
+    path = _resolve_checkpoint(args)
     if not os.path.exists(path):
         raise CliError(f"checkpoint {path}: no such file or directory")
     _info(args, f"loading checkpoint {path}")
@@ -245,7 +265,7 @@ def run_segment(args) -> int:
         raise CliError("segment: give at least one --point X,Y[,LABEL] or a --box "
                        "X0,Y0,X1,Y1 (see 'sam-jax segment --help')", status=2)
     mask_path, overlay_path, json_path = _output_paths(args.output)
-    if not os.path.exists(args.checkpoint):  # fail before the image is decoded
+    if not os.path.exists(_resolve_checkpoint(args)):  # fail before the image is decoded
         raise CliError(f"checkpoint {args.checkpoint}: no such file or directory")
 
     try:

@@ -1,6 +1,6 @@
 """`sam-jax generate`: the fully automatic data engine over images and folders.
 
-  sam-jax generate INPUT... --checkpoint PATH -o OUT_DIR [generator options] [--visualize]
+  sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
 
 Writes OUT_DIR/<image stem>.json in SA-1B format (sam_jax/sa1b.py) for every image. A JSON
 that already exists and reads back is skipped, so a killed run is resumed by running the same
@@ -29,8 +29,9 @@ def add_parser(sub, model_type_choices) -> None:
     gen.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="image files or folders (folders: their image files, sorted, not "
                      "recursive)")
-    gen.add_argument("--checkpoint", required=True, metavar="PATH",
-                     help="official .pth, HF .safetensors, or a `sam-jax convert` directory")
+    gen.add_argument("--checkpoint", metavar="PATH",
+                     help="official .pth, HF .safetensors, or a `sam-jax convert` directory "
+                     "(default: the small model bundled with sam-jax)")
     gen.add_argument("--model-type", default="auto", choices=model_type_choices)
     gen.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
                      help="folder for the JSON files (created if needed)")

@@ -122,7 +122,7 @@ def _optim_config(spec: Any) -> OptimConfig:
 
 
 def from_dict(raw: dict[str, Any]) -> TrainConfig:
-    raw = copy.deepcopy(raw)
+    raw = {k: v for k, v in copy.deepcopy(raw).items() if not k.startswith("_")}  # comments
     for key in ("model", "optim", "data"):
         if key not in raw:
             raise ValueError(f"training config needs a {key!r} section")
