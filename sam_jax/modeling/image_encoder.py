@@ -230,7 +230,11 @@ class ImageEncoderViT(nn.Module):
         x = PatchEmbed(cfg.patch_size, cfg.embed_dim, self.dtype, name="patch_embed")(x)
         grid = cfg.img_size // cfg.patch_size
         if cfg.use_abs_pos:
-            pos_embed = self.param("pos_embed", nn.initializers.zeros,
+            # The official code starts from zeros and always loads MAE weights. From scratch,
+            # zeros make every all-padding patch an exact zero vector whose LayerNorm (zero
+            # variance) multiplies its gradient by 1/sqrt(eps) = 1e3: ViT's usual small random
+            # init avoids that (converted checkpoints overwrite it either way).
+            pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
                                    (1, grid, grid, cfg.embed_dim))
             x = x + pos_embed.astype(x.dtype)
         # argument 2 of Block.__call__ (self = 0) is `deterministic`, a Python bool

@@ -54,8 +54,11 @@ def _image_region(input_size: jax.Array, side: int) -> jax.Array:
             & (4 * cols < input_size[:, 1, None, None]))
 
 
-def sample_pixels(key: jax.Array, where: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Uniform position inside a uniformly drawn True cell of each (side, side) map.
+def sample_pixels(key: jax.Array, where: jax.Array,
+                  input_size: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Uniform position inside a uniformly drawn True cell of each (side, side) map; with
+    `input_size` (P, 2) (h, w), inside the part of the cell that lies in the image (a cell on
+    the image's bottom/right edge can reach into the padding).
 
     Returns (P, 2) (x, y) input-frame coordinates (4 px per cell) and (P,) whether the map had
     any True cell at all."""
@@ -64,10 +67,14 @@ def sample_pixels(key: jax.Array, where: jax.Array) -> tuple[jax.Array, jax.Arra
     score = jax.random.uniform(k_pick, where.shape)
     flat = jnp.where(where, score, -1.0).reshape(p, side * side)
     index = jnp.argmax(flat, axis=-1)
-    row, col = index // side, index % side
-    jitter = jax.random.uniform(k_jitter, (p, 2))
-    xy = jnp.stack([col, row], axis=-1).astype(jnp.float32) + jitter
-    return 4.0 * xy, where.reshape(p, -1).any(axis=-1)
+    corner = 4.0 * jnp.stack([index % side, index // side], axis=-1).astype(jnp.float32)
+    extent = jnp.full((p, 2), 4.0)
+    if input_size is not None:
+        limit = jnp.stack([input_size[:, 1], input_size[:, 0]], axis=-1).astype(jnp.float32)
+        extent = jnp.clip(limit - corner, 0.0, 4.0)
+    # the jitter is < 1 and the product is rounded down, so a point never reaches the far edge
+    jitter = jax.random.uniform(k_jitter, (p, 2), maxval=1.0 - 2.0 ** -12)
+    return corner + jitter * extent, where.reshape(p, -1).any(axis=-1)
 
 
 def noisy_boxes(key: jax.Array, boxes: jax.Array, input_size: jax.Array) -> jax.Array:
@@ -93,7 +100,7 @@ def first_prompts(key: jax.Array, gt: jax.Array, boxes: jax.Array, input_size: j
     p = gt.shape[0]
     k_choice, k_point, k_box = jax.random.split(key, 3)
     use_box = jax.random.bernoulli(k_choice, 0.5, (p,))
-    point, _ = sample_pixels(k_point, gt)
+    point, _ = sample_pixels(k_point, gt, input_size)
     box = noisy_boxes(k_box, boxes, input_size).reshape(p, 2, 2)
     first_two = jnp.where(use_box[:, None, None], box,
                           jnp.stack([point, jnp.zeros_like(point)], axis=1))
@@ -104,10 +111,11 @@ def first_prompts(key: jax.Array, gt: jax.Array, boxes: jax.Array, input_size: j
 
 
 def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array,
-              inside: jax.Array, enabled: jax.Array | bool) -> Prompts:
+              inside: jax.Array, enabled: jax.Array | bool,
+              input_size: jax.Array | None = None) -> Prompts:
     """One click from the error region of `logits` (P, side, side), labelled by the truth."""
     error = ((logits > 0) != gt) & inside
-    xy, any_error = sample_pixels(key, error)
+    xy, any_error = sample_pixels(key, error, input_size)
     # the label is the ground truth under the chosen cell: a miss gives a positive click
     cell = jnp.clip((xy / 4.0).astype(jnp.int32), 0, gt.shape[-1] - 1)
     label = gt[jnp.arange(gt.shape[0]), cell[:, 1], cell[:, 0]].astype(jnp.int32)
@@ -176,7 +184,7 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
     def one_round(carry, xs):
         prompts, prev = carry
         adds, k = xs
-        prompts = add_click(k, prompts, prev, gt, inside, adds)
+        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size)
         masks, iou = decode(prompts.coords, prompts.labels, prev)
         cand_m, cand_i = masks[:, :1], iou[:, :1]  # later rounds: the single output
         loss, metrics = sam_loss(cand_m, cand_i, gt, valid, **loss_kwargs)
