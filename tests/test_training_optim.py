@@ -183,15 +183,15 @@ def test_grad_clip_over_trainable_only():
 
 
 def test_presets():
-    h, l, b = (optim.PRESETS[k] for k in ("vit_h", "vit_l", "vit_b"))
-    assert (h.peak_lr, l.peak_lr, b.peak_lr) == (8e-4, 4e-4, 8e-4)
-    assert (h.drop_path, l.drop_path, b.drop_path) == (0.4, 0.4, 0.6)
-    assert (h.layer_decay, l.layer_decay, b.layer_decay) == (0.8, 0.8, 0.6)
-    assert (h.batch_size, l.batch_size, b.batch_size) == (256, 128, 128)
+    h, large, b = (optim.PRESETS[k] for k in ("vit_h", "vit_l", "vit_b"))
+    assert (h.peak_lr, large.peak_lr, b.peak_lr) == (8e-4, 4e-4, 8e-4)
+    assert (h.drop_path, large.drop_path, b.drop_path) == (0.4, 0.4, 0.6)
+    assert (h.layer_decay, large.layer_decay, b.layer_decay) == (0.8, 0.8, 0.6)
+    assert (h.batch_size, large.batch_size, b.batch_size) == (256, 128, 128)
     assert h.total_steps == 90_000 and h.decay_steps == (60_000, 86_666)
-    assert l.total_steps == b.total_steps == 180_000
-    assert l.decay_steps == b.decay_steps == (120_000, 173_332)
-    for c in (h, l, b):
+    assert large.total_steps == b.total_steps == 180_000
+    assert large.decay_steps == b.decay_steps == (120_000, 173_332)
+    for c in (h, large, b):
         assert (c.b1, c.b2, c.warmup_steps, c.weight_decay, c.freeze) == (
             0.9, 0.999, 250, 0.1, ())
     ft = optim.PRESETS["finetune"]

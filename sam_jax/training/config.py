@@ -138,7 +138,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     return _replace_known(base, raw, "training config")
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike,
+                overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     try:
         with open(path) as f:
             raw = json.load(f)

@@ -47,7 +47,8 @@ from ..utils import amg
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # what PIL raises for unreadable files (a broken PNG chunk is a SyntaxError)
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_bytes = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
+def _bytes():
+    return tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
 def _features() -> tfds.features.FeaturesDict:

@@ -154,9 +154,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     variables = _initial_variables(cfg)
     params, buffers = variables["params"], variables["buffers"]
     optimizer = make_optimizer(cfg.optim, params)
-    compiled = compile_train_step(cfg.model, cfg.optim, cfg.step,
-                                  jax.eval_shape(lambda: params), jax.eval_shape(lambda: buffers),
-                                  mesh, fsdp=cfg.fsdp, optimizer=optimizer)
+    shapes = jax.eval_shape(lambda p, b: (p, b), params, buffers)
+    compiled = compile_train_step(cfg.model, cfg.optim, cfg.step, shapes[0], shapes[1], mesh,
+                                  fsdp=cfg.fsdp, optimizer=optimizer)
     buffers = jax.device_put(buffers, compiled.buffers_sharding)
 
     ckpt = TrainCheckpointer(os.path.join(os.path.abspath(cfg.workdir), "checkpoints"),
