@@ -267,7 +267,7 @@ def test_bad_prompt_syntax(args, words, tmp_path, fake_ckpt, capsys):
 
 def test_usage_errors(tmp_path, capsys):
     assert_error(call(capsys), 2, "required")
-    assert_error(call(capsys, "segment", TRUCK, "--point", "1,1"), 2, "--checkpoint")
+    assert_error(call(capsys, "segment", TRUCK, "--point", "1,1"), 2, "-o/--output")
     assert_error(call(capsys, "frobnicate"), 2, "invalid choice")
     assert_error(call(capsys, "segment", TRUCK, "--checkpoint", TRUCK, "--point", "1,1",
                       "-o", str(tmp_path) + os.sep), 2, "not a directory")
