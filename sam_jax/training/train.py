@@ -15,6 +15,7 @@ preemption notice) saves the current step and exits cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -181,6 +182,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step")
     metrics: dict[str, Any] = {}
+    config_dict = cfg.to_dict()  # saved beside every checkpoint
     step = start
     t0 = time.time()
     with PreemptionWatcher() as watcher:
@@ -199,9 +201,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
                 if bar is not None:
                     bar.update(1)
                 if watcher.should_stop(done):
-                    ckpt.maybe_save(done, state, force=True, extra={"config": cfg.to_dict()})
+                    ckpt.maybe_save(done, state, force=True, extra={"config": config_dict})
                     break
-                ckpt.maybe_save(done, state, extra={"config": cfg.to_dict(), "metrics": metrics})
+                ckpt.maybe_save(done, state, extra={"config": config_dict, "metrics": metrics})
                 if (cfg.eval_every and done % cfg.eval_every == 0 and eval_source is not None
                         and done != cfg.steps):
                     log.write(_evaluate(cfg, state["params"], buffers, eval_source, done))
@@ -214,7 +216,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         bar.close()
     finished = int(jax.device_get(state["step"])) >= cfg.steps
     if finished:
-        ckpt.maybe_save(cfg.steps, state, force=True, extra={"config": cfg.to_dict()})
+        ckpt.maybe_save(cfg.steps, state, force=True, extra={"config": config_dict})
         ckpt.wait()
         if eval_source is not None:
             result = _evaluate(cfg, state["params"], buffers, eval_source, cfg.steps)
@@ -232,8 +234,9 @@ def export_inference(cfg: TrainConfig, params, buffers) -> str:
     from ..checkpoint import save_converted
 
     out = cfg.export_dir or os.path.join(cfg.workdir, "final")
-    model = cfg.model.replace(image_encoder=cfg.model.image_encoder.__class__(
-        **{**cfg.model.image_encoder.__dict__, "drop_path_rate": 0.0, "remat_blocks": False}))
+    # training-only switches off: the exported config equals the inference preset
+    encoder = dataclasses.replace(cfg.model.image_encoder, drop_path_rate=0.0, remat_blocks=False)
+    model = cfg.model.replace(image_encoder=encoder)
     variables = {"params": jax.device_get(params), "buffers": jax.device_get(buffers)}
     if jax.process_index() == 0:
         save_converted(variables, model, out, overwrite=True,
