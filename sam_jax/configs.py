@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
+
+# The encoder attention implementations (modeling/rel_pos_attention.py); "auto" = per backend.
+ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +69,26 @@ class SamConfig:
     pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask_threshold: float = 0.0
     compute_dtype: str = "float32"
-    # Queries per chunk in the encoder's global attention; 0 = one shot. Chunking bounds the
-    # (tokens x tokens) score matrix that would otherwise dominate memory traffic.
+    # Queries per chunk in the encoder's global attention on the "chunked" (CPU) path; 0 = one
+    # shot. Chunking bounds the (tokens x tokens) score matrix that would otherwise dominate
+    # memory traffic.
     attention_chunk_size: int = 1024
+    # Encoder attention implementation: "auto" (per backend: "chunked" on CPU, cuDNN flash
+    # attention on GPU in bf16/fp16, XLA on GPU in float32, Pallas flash attention on TPU),
+    # or one of "chunked", "xla", "cudnn", "pallas" (see modeling/rel_pos_attention.py).
+    attention_impl: str = "auto"
     # Prompts decoded together inside one decode call (the rest follow in a loop); 0 = all at
-    # once. Bounds the per-prompt feature maps held at a time (~30 MB per prompt for vit_b).
-    decode_group_size: int = 8
+    # once; None = per backend (8 on CPU, all at once on accelerators). Bounds the per-prompt
+    # feature maps held at a time (~30 MB per prompt for vit_b).
+    decode_group_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                             f"{self.attention_impl!r}")
+        if self.decode_group_size is not None and self.decode_group_size < 0:
+            raise ValueError(f"decode_group_size must be >= 0 or None (per backend), got "
+                             f"{self.decode_group_size}")
 
     @property
     def image_size(self) -> int:

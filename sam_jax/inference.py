@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import backend
 from .build_sam import Variables
 from .configs import SamConfig
 from .modeling import PAD_LABEL, Sam
@@ -123,7 +124,7 @@ def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptB
     image = embeddings[prompts.image_index] if embeddings.shape[0] > 1 else embeddings
     token_mask = prompts.labels != PAD_LABEL
     num = sparse.shape[0]
-    group = config.decode_group_size
+    group = backend.decode_group_size(config.decode_group_size)
     if group <= 0 or num <= group:
         return model.apply(variables, image, sparse, dense, multimask_output, token_mask,
                            method="decode")

@@ -2,9 +2,10 @@
 
 Layout is channels-last throughout (B, H, W, C); the official model permutes to NCHW only for
 the neck, which we do not need. Deliberate differences, none of which change the result:
-- attention runs head by head, and global attention in chunks of query rows
-  (`attention_chunk_size` queries at a time), so the (4096 x 4096) score matrix of a head never
-  exists whole; each chunk's softmax sees every key, so this is exact, not an approximation;
+- attention has one implementation per kind of hardware (`rel_pos_attention`): on CPU head by
+  head, global attention in chunks of query rows; on GPU/TPU a fused flash attention with the
+  relative-position bias folded into q and k. Each softmax sees every key: exact, not an
+  approximation;
 - the relative-position tables must already have the size the input needs (they always do
   for SAM's fixed 1024 input); the official code would silently interpolate them.
 """
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .common import LayerNorm, MLPBlock, dense
+from .rel_pos_attention import attention_with_rel_pos, resolve_impl
 
 
 def window_partition(x: jax.Array, window_size: int) -> Tuple[jax.Array, Tuple[int, int]]:
@@ -43,79 +45,6 @@ def window_unpartition(windows: jax.Array, window_size: int, pad_hw: Tuple[int, 
     return x[:, :h, :w, :]
 
 
-def get_rel_pos(size: int, rel_pos: jax.Array) -> jax.Array:
-    """Relative-position embeddings for equal query and key lengths: (size, size, C) with
-    entry [i, j] = rel_pos[i - j + size - 1]."""
-    if rel_pos.shape[0] != 2 * size - 1:
-        raise ValueError(f"relative position table has {rel_pos.shape[0]} rows, but an axis "
-                         f"of {size} tokens needs {2 * size - 1}")
-    idx = jnp.arange(size)[:, None] - jnp.arange(size)[None, :] + (size - 1)
-    return rel_pos[idx]
-
-
-def attention_with_rel_pos(q, k, v, rel_pos_h, rel_pos_w, hw: Tuple[int, int],
-                           chunk_size: int, use_rel_pos: bool = True) -> jax.Array:
-    """softmax(q*scale @ k^T + rel_h + rel_w) @ v over (B, heads, H*W, C) tensors.
-
-    rel_h[q, kh] = <q, Rh[q_row, kh]> and rel_w[q, kw] = <q, Rw[q_col, kw]> (decomposed relative
-    position bias of MViTv2, with the unscaled q, as the official code). The matmuls run in
-    the dtype of q, k, v (the compute dtype) with float32 accumulation; the softmax is float32.
-
-    Heads are processed one after another (`lax.map`) and, within a head, query rows
-    `chunk_size` queries at a time: the score block then stays cache-sized instead of a
-    (heads x 4096 x 4096) array streamed through memory, which measured 2.4x faster on CPU for
-    SAM's global attention. Each softmax still sees every key, so the result is exact. The
-    softmax is normalized after the value matmul (dividing C outputs per query instead of
-    4096 probabilities), and each head's keys are transposed once, not once per chunk."""
-    h, w = hw
-    b, n, tokens, c = q.shape
-    scale = c ** -0.5
-    f32 = jnp.float32
-    rh = get_rel_pos(h, rel_pos_h).astype(q.dtype) if use_rel_pos else None
-    rw = get_rel_pos(w, rel_pos_w).astype(q.dtype) if use_rel_pos else None
-    rows = max(1, min(h, chunk_size // w)) if chunk_size > 0 else h
-    if h % rows:
-        rows = h
-
-    def rows_attention(q_rows, k_t, v_head, row0):
-        # q_rows: (B, r, W, C), the query rows row0 .. row0 + r of one head; k_t: (B, C, keys).
-        r = q_rows.shape[1]
-        scores = jnp.einsum("brwc,bck->brwk", q_rows * jnp.asarray(scale, q.dtype), k_t,
-                            preferred_element_type=f32)
-        if use_rel_pos:
-            rh_rows = jax.lax.dynamic_slice_in_dim(rh, row0, r, axis=0)
-            rel_h = jnp.einsum("brwc,rkc->brwk", q_rows, rh_rows, preferred_element_type=f32)
-            rel_w = jnp.einsum("brwc,wkc->brwk", q_rows, rw, preferred_element_type=f32)
-            scores = scores.reshape(b, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-            scores = scores.reshape(b, r, w, h * w)
-        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-        out = jnp.einsum("brwk,bkc->brwc", weights.astype(v_head.dtype), v_head,
-                         preferred_element_type=f32)
-        if v_head.shape[-1] > c:  # the appended column of ones summed the weights
-            return out[..., :c] / out[..., c:]
-        return out / weights.sum(-1, keepdims=True)
-
-    def head_attention(args):
-        q_head, k_head, v_head = args  # (B, H*W, C)
-        q_head = q_head.reshape(b, h, w, c)
-        k_t = k_head.transpose(0, 2, 1)
-        if v_head.dtype != f32:
-            # Below float32, a column of ones appended to v makes the value matmul return the
-            # softmax denominator too (measured 4% faster on the bf16 encoder; at float32 the
-            # separate sum is faster). The sum then uses the rounded weights it divides.
-            v_head = jnp.concatenate([v_head, jnp.ones_like(v_head[..., :1])], axis=-1)
-        if rows == h:
-            return rows_attention(q_head, k_t, v_head, 0)
-        chunks = q_head.reshape(b, h // rows, rows, w, c).transpose(1, 0, 2, 3, 4)
-        starts = jnp.arange(0, h, rows)
-        out = jax.lax.map(lambda a: rows_attention(a[0], k_t, v_head, a[1]), (chunks, starts))
-        return out.transpose(1, 0, 2, 3, 4).reshape(b, h, w, c)
-
-    heads_first = lambda x: x.transpose(1, 0, 2, 3)  # noqa: E731
-    out = jax.lax.map(head_attention, (heads_first(q), heads_first(k), heads_first(v)))
-    return out.reshape(n, b, tokens, c).transpose(1, 0, 2, 3)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with decomposed relative position bias."""
 
@@ -126,23 +55,24 @@ class Attention(nn.Module):
     input_size: Tuple[int, int] = (14, 14)
     chunk_size: int = 0
     dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"  # see rel_pos_attention.resolve_impl
 
     @nn.compact
     def __call__(self, x):
         b, h, w, _ = x.shape
         head_dim = self.dim // self.num_heads
         qkv = dense(3 * self.dim, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
-        qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim)
         # The projection accumulates in float32; attention's matmuls take the compute dtype.
-        q, k, v = (t.astype(self.dtype) for t in (qkv[0], qkv[1], qkv[2]))
+        q, k, v = (qkv[:, :, i].astype(self.dtype) for i in range(3))  # (B, T, heads, C)
         rel_pos_h = rel_pos_w = None
         if self.use_rel_pos:
             zeros = nn.initializers.zeros
             rel_pos_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, head_dim))
             rel_pos_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, head_dim))
-        out = attention_with_rel_pos(q, k, v, rel_pos_h, rel_pos_w, (h, w), self.chunk_size,
-                                     self.use_rel_pos)
-        out = out.reshape(b, self.num_heads, h, w, head_dim).transpose(0, 2, 3, 1, 4)
+        impl = resolve_impl(self.impl, self.dtype, head_dim, (h, w))
+        out = attention_with_rel_pos(q, k, v, rel_pos_h, rel_pos_w, (h, w), impl=impl,
+                                     chunk_size=self.chunk_size, use_rel_pos=self.use_rel_pos)
         out = out.reshape(b, h, w, self.dim)
         return dense(self.dim, "proj", self.dtype)(out)
 
@@ -177,6 +107,7 @@ class Block(nn.Module):
     chunk_size: int = 0
     dtype: jnp.dtype = jnp.float32
     drop_path: float = 0.0
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -188,7 +119,7 @@ class Block(nn.Module):
         attn_size = self.input_size if self.window_size == 0 else (self.window_size,) * 2
         x = Attention(self.dim, self.num_heads, self.qkv_bias, self.use_rel_pos, attn_size,
                       chunk_size=self.chunk_size if self.window_size == 0 else 0,
-                      dtype=self.dtype, name="attn")(x)
+                      dtype=self.dtype, impl=self.attention_impl, name="attn")(x)
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
         x = shortcut + DropPath(self.drop_path)(x, deterministic)
@@ -222,6 +153,7 @@ class ImageEncoderViT(nn.Module):
     config: "ImageEncoderConfig"  # noqa: F821
     chunk_size: int = 0
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -244,7 +176,7 @@ class ImageEncoderViT(nn.Module):
             rate = cfg.drop_path_rate * i / max(cfg.depth - 1, 1)
             x = block_cls(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
                           cfg.use_rel_pos, window, (grid, grid), self.chunk_size, self.dtype,
-                          rate, name=f"blocks.{i}")(x, deterministic)
+                          rate, self.attention_impl, name=f"blocks.{i}")(x, deterministic)
         conv = lambda feat, k, name: nn.Conv(feat, (k, k), padding=[(k // 2, k // 2)] * 2,  # noqa
                                              use_bias=False, dtype=self.dtype,
                                              param_dtype=jnp.float32, name=name)

@@ -22,7 +22,8 @@ class Sam(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.compute_dtype)
         grid = cfg.image_embedding_size
-        self.image_encoder = ImageEncoderViT(cfg.image_encoder, cfg.attention_chunk_size, dtype)
+        self.image_encoder = ImageEncoderViT(cfg.image_encoder, cfg.attention_chunk_size, dtype,
+                                             cfg.attention_impl)
         self.prompt_encoder = PromptEncoder(cfg.prompt_encoder.embed_dim, (grid, grid),
                                             (cfg.image_size, cfg.image_size),
                                             cfg.prompt_encoder.mask_in_chans, dtype)
