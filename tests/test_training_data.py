@@ -1,14 +1,21 @@
 """The training data pipeline: tfds builders (prepared and read back without TensorFlow),
-example preprocessing and the deterministic host-sharded loader, on tiny synthetic folders."""
+example preprocessing and the deterministic host-sharded loader (Grain, in worker processes or
+in this one), on tiny synthetic folders."""
 
 import io
 import json
+import multiprocessing
 import os
+import pickle
 import shutil
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -244,7 +251,8 @@ def _assert_equal_batches(a, b):
 
 def test_loader_determinism_resume_and_shards(davis_source):
     n = len(davis_source)  # 8 images
-    kw = {"global_batch_size": 4, "image_size": 32, "max_masks": 2, "seed": 5}
+    kw = {"global_batch_size": 4, "image_size": 32, "max_masks": 2, "seed": 5,
+          "worker_count": 0}  # Grain in this process; worker processes: the test below
     loader = data.TrainLoader(davis_source, process_index=0, process_count=1, **kw)
     # each epoch visits every record once
     order = [loader.record_index(s, r) for s in range(n // 4) for r in range(4)]
@@ -256,12 +264,12 @@ def test_loader_determinism_resume_and_shards(davis_source):
     for (step, b), want in zip(resumed.batches(2, num_steps=3), stream[2:]):
         _assert_equal_batches(b, want)
     assert step == 4
-    it = resumed.batches(0)  # endless; closing it stops the prefetch thread
+    it = resumed.batches(0)  # endless; closing it stops Grain's reader threads
     next(it)
     it.close()
     # two processes: disjoint rows whose concatenation is the single-process batch
-    shards = [data.TrainLoader(davis_source, process_index=p, process_count=2, num_workers=1,
-                               **kw) for p in range(2)]
+    shards = [data.TrainLoader(davis_source, process_index=p, process_count=2, **kw)
+              for p in range(2)]
     for step in (0, 3):
         parts = [s.local_batch(step) for s in shards]
         assert parts[0]["image"].shape[0] == 2
@@ -278,7 +286,114 @@ def test_loader_errors(davis_source):
         data.TrainLoader(davis_source, 3, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="empty"):
         data.TrainLoader([], 2, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="worker_count"):
+        data.TrainLoader(davis_source, 2, process_index=0, process_count=1, worker_count=-1)
+    # a record that fails to decode in a worker process: its error, naming it, reaches here
     bad = dict(davis_source[0], image=b"garbage", group=b"g", name=b"broken")
-    loader = data.TrainLoader([bad], 1, image_size=32, process_index=0, process_count=1)
+    loader = data.TrainLoader([bad], 1, image_size=32, process_index=0, process_count=1,
+                              worker_count=1)
     with pytest.raises(ValueError, match="g/broken"):
         next(loader.batches(0))
+    loader.close()
+
+
+def _reference_batch(source, step, rows, seed, global_batch_size, image_size, max_masks):
+    """The loader's order and seeding written out as they were before Grain: global row r of
+    step s is position s * G + r of the per-epoch permutations from (seed, epoch), decoded
+    with the rng from (seed, step, row)."""
+    examples = []
+    for row in rows:
+        epoch, offset = divmod(step * global_batch_size + row, len(source))
+        index = np.random.default_rng([seed, epoch]).permutation(len(source))[offset]
+        rng = np.random.default_rng([seed, step, row])
+        examples.append(data.example_from_record(source[int(index)], image_size, max_masks,
+                                                 rng))
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _grain_workers():
+    return {p for p in multiprocessing.active_children() if p.name.startswith("grain")}
+
+
+def test_grain_workers_equal_in_process_and_reference(davis_source):
+    g, seed, size, m = 4, 7, 32, 3
+    kw = {"global_batch_size": g, "image_size": size, "max_masks": m, "seed": seed}
+    # 6 steps of 4 = 3 epochs of the 8 records, so epoch boundaries are crossed
+    want = [_reference_batch(davis_source, s, range(g), seed, g, size, m) for s in range(6)]
+    assert _grain_workers() == set()
+    # the tfds source goes to the workers as (folder, split) and reopens there
+    wrapped = pickle.loads(pickle.dumps(data.ReopenedTfdsSource.wrap(davis_source)))
+    assert len(wrapped) == len(davis_source) and wrapped[3]["name"] == davis_source[3]["name"]
+
+    in_process = data.TrainLoader(davis_source, process_index=0, process_count=1,
+                                  worker_count=0, **kw)
+    got = list(in_process.batches(0, 6))
+    assert [s for s, _ in got] == list(range(6)) and _grain_workers() == set()
+    for s, b in got:
+        _assert_equal_batches(b, want[s])
+        _assert_equal_batches(b, in_process.local_batch(s))
+
+    workers = data.TrainLoader(davis_source, process_index=0, process_count=1, worker_count=2,
+                               **kw)
+    resumed = workers.batches(2)  # endless, resumed in the middle of epoch 1
+    for want_step in range(2, 6):
+        step, b = next(resumed)
+        assert step == want_step and all(type(v) is np.ndarray for v in b.values())
+        _assert_equal_batches(b, want[step])
+    assert len(_grain_workers()) == 2
+    workers.close()  # what train.py calls last: no worker left behind
+    assert _grain_workers() == set()
+    resumed.close()
+
+    # host shards through Grain (one in a worker, one here): disjoint rows whose
+    # concatenation is the single-process batch
+    shards = [data.TrainLoader(davis_source, process_index=p, process_count=2,
+                               worker_count=1 - p, **kw) for p in range(2)]
+    parts = [list(s.batches(3, 2)) for s in shards]
+    for i, step in enumerate((3, 4)):
+        rows = [{s.record_index(step, r) for r in range(p * 2, p * 2 + 2)}
+                for p, s in enumerate(shards)]
+        assert not rows[0] & rows[1]
+        _assert_equal_batches({k: np.concatenate([p[i][1][k] for p in parts])
+                               for k in want[step]}, want[step])
+    for s in shards:
+        s.close()
+    assert _grain_workers() == set()
+
+
+_ORPHAN_PROBE = """
+import multiprocessing, sys
+from sam_jax.training import data, datasets
+loader = data.TrainLoader(datasets.load_source(sys.argv[1]), 2, image_size=32, max_masks=1,
+                          process_index=0, process_count=1, worker_count=1)
+batches = loader.batches(0)
+next(batches)
+print(*[p.pid for p in multiprocessing.active_children() if p.name.startswith("grain")],
+      flush=True)
+sys.stdin.read()
+"""
+
+
+def test_workers_end_when_the_training_process_is_killed(davis_source):
+    """SIGKILL (preemption; the resume test of test_training_loop) closes nothing: the
+    workers notice that their parent is gone and exit instead of lingering."""
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_PROBE,
+                             str(davis_source.dataset_info.data_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(pids) == 1
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 30
+    while alive(pids[0]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pids[0])

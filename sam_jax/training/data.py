@@ -26,14 +26,24 @@ until M are found, so a record's RLEs are decoded only as far as needed.
 (seed, epoch); global batch `step` is positions [step*G, (step+1)*G) of that endless stream;
 process p of P takes rows [p*G/P, (p+1)*G/P). Each example's rng is seeded from (seed, step,
 global row), so a run resumed at step k sees byte-identical batches.
+
+The batches are made by Grain (`TrainLoader.grain_dataset`) in worker processes: decoding a
+1024 px SA-1B image, resizing it and decoding up to 64 RLEs is Python- and GIL-bound, so
+threads alone cannot keep up with an accelerator step. The pipeline is a `MapDataset` over
+this process's flat row indexes, mapped by `LocalExample` (a picklable per-record transform)
+and batched before `mp_prefetch`, so that the order stays a function of the step alone and
+worker k of W makes whole batches k, k+W, ... (Grain interleaves them back in step order);
+`local_batch` makes the same batches synchronously, with the same transform. tfds data
+sources go to the workers as (folder, split) and are reopened there (`ReopenedTfdsSource`).
 """
 
 from __future__ import annotations
 
-import queue
+import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,13 +139,143 @@ def example_from_record(record: dict[str, Any], image_size: int, max_masks: int,
                           max_masks, rng)
 
 
+def default_worker_count() -> int:
+    """`TrainLoader`'s worker processes when not given: one per core this process may run on,
+    less one left to the training loop (which dispatches the step and copies the batches to
+    the devices), at most 32 (each worker imports numpy, PIL, JAX and tfds on its own)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, 32))
+
+
+def stack_examples(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Examples -> one batch: Grain's `batch_fn` and `local_batch` both, so the two paths stack
+    the same way."""
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class EpochOrder:
+    """(step, global row) -> dataset index: position step * G + row of the endless stream of
+    per-epoch permutations from (seed, epoch). Picklable (Grain ships it to its workers): the
+    cache of the last two epochs' permutations and its lock stay behind."""
+
+    def __init__(self, size: int, global_batch_size: int, seed: int):
+        self.size, self.global_batch_size, self.seed = size, global_batch_size, seed
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # Grain's reader threads share one instance
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"size": self.size, "global_batch_size": self.global_batch_size,
+                "seed": self.seed}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(**state)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch not in self._perms:
+                if len(self._perms) >= 2:
+                    self._perms.pop(min(self._perms))
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+                # half the memory in each worker (SA-1B: 11 M records, 44 MB an epoch)
+                self._perms[epoch] = perm.astype(np.int32) if self.size < 2 ** 31 else perm
+            return self._perms[epoch]
+
+    def __call__(self, step: int, row: int) -> int:
+        epoch, offset = divmod(step * self.global_batch_size + row, self.size)
+        return int(self.permutation(epoch)[offset])
+
+
+class ReopenedTfdsSource:
+    """A tfds data source that pickles as (prepared folder, split) and opens itself again where
+    it is unpickled: tfds' own pickle rebuilds the dataset builder, which fails for a builder
+    made with constructor arguments (ours), and open array_record readers should not cross
+    processes anyway. Opens lazily, so a worker opens it once, on its first record."""
+
+    def __init__(self, data_dir: str, split: str, source=None):
+        self.data_dir, self.split = data_dir, split
+        self._source = source
+
+    @classmethod
+    def wrap(cls, source):
+        """`source` itself unless it is a tfds data source read without decoders."""
+        info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+        if info is None or not isinstance(split, str) or getattr(source, "decoders", None):
+            return source
+        return cls(str(info.data_dir), split, source)
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"data_dir": self.data_dir, "split": self.split}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(**state)
+
+    def _open(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+            self._source = tfds.builder_from_directory(self.data_dir).as_data_source(self.split)
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._open())
+
+    def __getitem__(self, index: int):
+        return self._open()[index]
+
+
+class LocalExample:
+    """Grain's per-record transform: flat index i of this process's rows -> the example of
+    global row `first_row + i % L` of global batch `i // L` (L = local batch size), seeded from
+    (seed, step, global row). A top-level picklable class, so that it runs in worker
+    processes; `TrainLoader.local_batch` calls the same object, so both paths decode alike."""
+
+    def __init__(self, source, order: EpochOrder, local_batch_size: int, first_row: int,
+                 image_size: int, max_masks: int):
+        self.source, self.order = ReopenedTfdsSource.wrap(source), order
+        self.local_batch_size, self.first_row = local_batch_size, first_row
+        self.image_size, self.max_masks = image_size, max_masks
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        step, local_row = divmod(int(index), self.local_batch_size)
+        row = self.first_row + local_row
+        record = self.source[self.order(step, row)]
+        rng = np.random.default_rng([self.order.seed, step, row])
+        return example_from_record(record, self.image_size, self.max_masks, rng)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: ends the worker once its parent is gone. Grain stops its workers
+    when the iterator is closed, but a training process killed with SIGKILL (preemption, the
+    resume test) closes nothing, and the orphans would keep their cores and shared memory."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="sam_jax.exit_with_parent").start()
+
+
+# `batches` without num_steps: endless in practice (Grain datasets have a length)
+_ENDLESS_STEPS = 2 ** 40
+
+
 class TrainLoader:
     """Deterministic host-local batches of a data source (len, [i] -> record) for one process
-    of a multi-process run; see the module docstring for the order."""
+    of a multi-process run; see the module docstring for the order.
+
+    `worker_count` Grain worker processes make the batches (`default_worker_count()` when
+    None; 0 makes them in this process, for debugging), each with `num_workers` reader threads
+    (threads only help where PIL releases the GIL) and `prefetch` finished batches buffered."""
 
     def __init__(self, source, global_batch_size: int, image_size: int = 1024,
                  max_masks: int = 64, seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None, num_workers: int = 4, prefetch: int = 2):
+                 process_count: int | None = None, num_workers: int = 1, prefetch: int = 2,
+                 worker_count: int | None = None):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -149,14 +289,21 @@ class TrainLoader:
             raise ValueError(f"process index {process_index} not in [0, {process_count})")
         if image_size % LOW_RES_STRIDE:
             raise ValueError(f"image_size {image_size} must be a multiple of {LOW_RES_STRIDE}")
+        if worker_count is not None and worker_count < 0:
+            raise ValueError(f"worker_count must be >= 0 (0: no worker process), got "
+                             f"{worker_count}")
         self.source = source
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.image_size, self.max_masks, self.seed = image_size, max_masks, seed
         self.process_index, self.process_count = process_index, process_count
-        self.num_workers, self.prefetch = max(1, num_workers), prefetch
-        self._perms: dict[int, np.ndarray] = {}
-        self._pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 1 else None
+        self.worker_count = default_worker_count() if worker_count is None else worker_count
+        self.num_workers, self.prefetch = max(0, num_workers), max(1, prefetch)
+        self._order = EpochOrder(len(source), global_batch_size, seed)
+        self._example = LocalExample(source, self._order, self.local_batch_size,
+                                     process_index * self.local_batch_size, image_size,
+                                     max_masks)
+        self._iterators: weakref.WeakSet = weakref.WeakSet()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -164,85 +311,66 @@ class TrainLoader:
     def steps_per_epoch(self) -> float:
         return len(self.source) / self.global_batch_size
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-                len(self.source))
-        return self._perms[epoch]
-
     def record_index(self, step: int, row: int) -> int:
         """Dataset index of global row `row` of global batch `step`."""
-        position = step * self.global_batch_size + row
-        epoch, offset = divmod(position, len(self.source))
-        return int(self._permutation(epoch)[offset])
-
-    def _example(self, step: int, row: int, record) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, step, row])
-        return example_from_record(record, self.image_size, self.max_masks, rng)
+        return self._order(step, row)
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`, stacked: leading axis
-        global_batch_size // process_count."""
+        global_batch_size // process_count. Made here, synchronously: the reference that
+        `batches` reproduces."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        first = self.process_index * self.local_batch_size
-        rows = range(first, first + self.local_batch_size)
-        records = [self.source[self.record_index(step, r)] for r in rows]
-        if self._pool is None:
-            examples = [self._example(step, r, rec) for r, rec in zip(rows, records)]
-        else:
-            examples = list(self._pool.map(lambda a: self._example(step, *a),
-                                           zip(rows, records)))
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        first = step * self.local_batch_size
+        return stack_examples([self._example(i)
+                               for i in range(first, first + self.local_batch_size)])
+
+    def grain_dataset(self, start_step: int = 0, num_steps: int | None = None):
+        """The Grain pipeline behind `batches`: this process's local batches `start_step`,
+        `start_step + 1`, ... Batched before `mp_prefetch`, so each worker makes whole batches
+        (worker k of W makes every W-th) and Grain interleaves them back in step order."""
+        import grain
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            # Grain (<= 0.2.18) reads an absl flag unguarded once JAX is imported, which raises
+            # outside absl.app (google/grain#1355): take every absl flag's default, as unparsed
+            flags.FLAGS.mark_as_parsed()
+        if start_step < 0:
+            raise ValueError(f"step must be >= 0, got {start_step}")
+        stop = start_step + (_ENDLESS_STEPS if num_steps is None else max(0, num_steps))
+        n = self.local_batch_size
+        ds = grain.MapDataset.range(start_step * n, stop * n).map(self._example)
+        ds = ds.batch(n, batch_fn=stack_examples).to_iter_dataset(grain.ReadOptions(
+            num_threads=self.num_workers,
+            prefetch_buffer_size=max(self.num_workers, self.prefetch)))
+        return ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=self.worker_count, per_worker_buffer_size=self.prefetch),
+            worker_init_fn=_exit_with_parent)
 
     def batches(self, start_step: int = 0,
                 num_steps: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(step, local batch) from `start_step` on (endless unless `num_steps`), made by a
-        background thread `prefetch` batches ahead; closing the iterator stops the thread."""
-        out: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-        end = None if num_steps is None else start_step + num_steps
-
-        def produce():
-            step = start_step
-            try:
-                while not stop.is_set() and (end is None or step < end):
-                    item = (step, self.local_batch(step))
-                    while not stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    step += 1
-                out.put(None)
-            except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
-                out.put(e)
-
-        thread = threading.Thread(target=produce, daemon=True, name="TrainLoader.batches")
-        thread.start()
+        """(step, local batch) from `start_step` on (endless unless `num_steps`), equal to
+        `local_batch(step)`, made ahead by the Grain workers (started on the first `next`);
+        closing the iterator (or `close()`) stops them."""
+        it = iter(self.grain_dataset(start_step, num_steps))
+        self._iterators.add(it)
         try:
-            while True:
-                item = out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            for step, shared in enumerate(it, start_step):
+                # out of Grain's shared memory into arrays of our own, so that the segments go
+                # back at once rather than whenever (if ever) the caller drops the batch
+                batch = {k: np.array(v) for k, v in shared.items()}
+                del shared
+                yield step, batch
         finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    out.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.1)
+            self._iterators.discard(it)
+            it.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stops the worker processes of every `batches` iterator still open."""
+        for it in list(self._iterators):
+            it.close()
+        self._iterators.clear()
 
 
 def eval_examples(source, max_examples: int | None = None
