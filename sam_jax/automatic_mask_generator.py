@@ -1,69 +1,173 @@
 """Ports `segment_anything/automatic_mask_generator.py`: masks for a whole image from a grid of
 point prompts (SAM's fully automatic data-engine stage).
 
-Same constructor options, same algorithm and same records as the official generator. The
-per-batch work runs in one jitted function with static shapes (`_batch_stats`): decode a batch
-of grid points, upscale every mask's logits to the crop size, and reduce them to the
-predicted IoU, stability score and box, without keeping the full-size logits. The host then
-filters by those numbers (cheap, per mask), runs NMS (jitted, padded sizes), and upscales and
-run-length-encodes only the masks that survive.
+Same constructor options, same algorithm and same records as the official generator. Each crop
+is one jitted function with static shapes (`_crop_candidates`): decode every batch of grid
+points, upscale each mask's logits to the crop size and reduce them to the predicted IoU,
+stability score and box (without keeping the full-size logits), flag the masks that pass the
+IoU, stability and near-crop-edge filters, and run greedy NMS over all flagged masks of the
+crop. Only the count and the (small) per-mask numbers come to the host; the surviving masks
+are then upscaled on the device in fixed-size chunks (`_kept_masks`) and copied to the host
+as binary masks for run-length encoding.
 
 Deviations from the official code, none of which changes the algorithm:
-- the last batch of points is padded to `points_per_batch` (padding masks are dropped), so
-  every batch reuses one compiled function;
+- points are padded to whole batches of `points_per_batch` (padding masks are flagged
+  invalid), so every crop of one size runs one compiled function;
+- filters set validity flags instead of dropping masks, and NMS runs on the flagged set
+  (`amg.greedy_nms`: torchvision's order and ties);
 - full-size binary masks are computed only for masks kept after the filters and NMS; the
   official thresholds and encodes every mask that passes the filters, then runs NMS;
 - upscaling composes the two bilinear resizes (`inference.postprocess_masks`): a pixel whose
   logit lies within float rounding (~1e-5) of the threshold can land on the other side. The
-  parity test measures the effect on a real image.
+  parity test measures the effect on a real image;
+- a crop's low-res logits stay on the device until its kept masks are made (3 x 256 x 256
+  float32 a point: 805 MB for the default 32 x 32 grid); the official keeps those that pass
+  the filters;
+- the layout of the work depends on the backend (`plan_for_backend`), not the results.
+NMS across crops and after small-region removal runs on the host's (few) records, through
+the same jitted `amg.greedy_nms`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from . import inference
+from . import backend, inference
 from .inference import SamModel
 from .predictor import SamPredictor
 from .utils import amg
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# Prompts whose masks are upscaled together when measuring stability and boxes: the
-# full-size logits of 4 x 3 masks stay cache-friendly (2, 4: 1.55 s a batch of 64 at
-# 1024x683 on the 2-core CPU; 8: 1.8 s; 64: 2.0 s).
-STATS_GROUP = 4
-# Wall seconds per stage of the last `generate`, in `generator.last_timings`.
+# Wall seconds per stage of the last `generate`, in `generator.last_timings`. "decode and
+# filter" is the per-crop device function, NMS within the crop included; "nms, masks and
+# rle" is the kept masks' upscaling, their copy to the host and encoding, and NMS across crops.
 TIMED_STAGES = ("embed", "decode and filter", "nms, masks and rle", "small regions")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "input_size", "crop_size", "group"))
-def _batch_stats(variables, features, prompts, stability_offset, *, config, input_size,
-                 crop_size, group):
-    """Decode a batch of single-point prompts; returns low-res logits (P, 3, 4h, 4w),
+@dataclasses.dataclass(frozen=True)
+class DevicePlan:
+    """How a crop's work is laid out on the device; every plan gives the same records.
+
+    stats_group: masks upscaled together when measuring stability and boxes (a sequential
+    `lax.map` over groups within each batch); None: the whole batch at once.
+    mask_chunk: kept masks upscaled and copied to the host per call."""
+
+    stats_group: Optional[int]
+    mask_chunk: int
+
+
+# On the 2-core CPU the full-size logits of 4 x 3 masks stay cache-friendly (groups of 2, 4:
+# 1.55 s a batch of 64 at 1024x683; 8: 1.8 s; 64: 2.0 s).
+CPU_PLAN = DevicePlan(stats_group=4, mask_chunk=16)
+# GPUs and TPUs have the memory and parallelism for whole batches: no small sequential steps.
+ACCELERATOR_PLAN = DevicePlan(stats_group=None, mask_chunk=64)
+
+
+def plan_for_backend(name: Optional[str] = None) -> DevicePlan:
+    """The plan for a jax backend ("cpu", "gpu", "tpu"; default: `jax.default_backend()`):
+    ACCELERATOR_PLAN where `backend.on_accelerator`, else CPU_PLAN. A generator takes it at
+    construction as `generator.plan`; assign another plan there to override (the tests run
+    both plans on CPU and compare)."""
+    return ACCELERATOR_PLAN if backend.on_accelerator(name) else CPU_PLAN
+
+
+class _Filters(NamedTuple):
+    """The generator's thresholds, traced (float32 scalars): new values do not recompile."""
+
+    pred_iou: Any
+    stability: Any
+    stability_offset: Any
+    box_nms: Any
+
+
+class _Candidates(NamedTuple):
+    """A crop's masks after filters and NMS, in keep order, padded to all N candidates:
+    entries past `count` are padding. `low_res` (N, 4h, 4w) stays in candidate order."""
+
+    count: Any
+    index: Any  # (N,) candidate index = 3 * prompt row + mask
+    iou: Any
+    stability: Any
+    boxes: Any  # (N, 4) XYXY, crop frame
+    low_res: Any
+
+
+def _batch_stats(variables, features, coords, labels, stability_offset, *, config, input_size,
+                 crop_size, stats_group):
+    """Decode one batch of single-point prompts; returns low-res logits (P, 3, 4h, 4w),
     predicted IoU, stability score (P, 3) and XYXY boxes (P, 3, 4) in the crop frame, the
     last two measured on the logits upscaled to `crop_size` as the official does."""
+    p = coords.shape[0]
+    # No mask inputs: `with_masks=False` reads neither mask_inputs nor has_mask.
+    prompts = inference.PromptBatch(coords, labels, None, None, jnp.zeros((p,), jnp.int32), p)
     low_res, iou = inference.decode_prompts(variables, features, prompts, config=config,
                                             multimask_output=True, with_masks=False)
     threshold = config.mask_threshold
     upscale = functools.partial(inference.postprocess_masks, input_size=input_size,
                                 original_size=crop_size, image_size=config.image_size)
 
-    def measure(logits_group):  # (group, 3, 4h, 4w): full-size logits exist one group at a time
+    def measure(logits_group):  # (group, 3, 4h, 4w): full-size logits exist a group at a time
         full = upscale(logits_group)
         stability = amg.stability_score(full, threshold, stability_offset)
         return stability, amg.masks_to_boxes(full > threshold)
 
-    p = low_res.shape[0]
-    group = math.gcd(group, p)
-    grouped = low_res.reshape((p // group, group) + low_res.shape[1:])
-    stability, boxes = jax.lax.map(measure, grouped)
+    group = p if stats_group is None else math.gcd(stats_group, p)
+    if group == p:
+        stability, boxes = measure(low_res)
+    else:
+        grouped = low_res.reshape((p // group, group) + low_res.shape[1:])
+        stability, boxes = jax.lax.map(measure, grouped)
     return low_res, iou, stability.reshape(p, -1), boxes.reshape(p, -1, 4)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "input_size", "crop_size",
+                                             "stats_group"))
+def _crop_candidates(variables, features, coords, labels, valid_rows, crop_box, orig_box,
+                     filters: _Filters, *, config, input_size, crop_size,
+                     stats_group) -> _Candidates:
+    """A crop's masks, decoded, filtered and NMS'd on the device.
+
+    coords (B, P, T, 2), labels (B, P, T): B batches of P single-point prompts (model frame);
+    valid_rows (B * P,): the rows that are grid points, not padding; crop_box and orig_box
+    XYXY, traced so that crops of one size share the compiled function."""
+    stats = functools.partial(_batch_stats, variables, features,
+                              stability_offset=filters.stability_offset, config=config,
+                              input_size=input_size, crop_size=crop_size,
+                              stats_group=stats_group)
+    # One batch at a time (each batch is parallel work): `points_per_batch` bounds the
+    # decoder's memory, as in the official.
+    low_res, iou, stability, boxes = jax.lax.map(lambda batch: stats(*batch), (coords, labels))
+    masks_per_prompt = iou.shape[-1]
+    n = iou.size
+    low_res = low_res.reshape((n,) + low_res.shape[-2:])
+    iou, stability, boxes = iou.reshape(n), stability.reshape(n), boxes.reshape(n, 4)
+    valid = jnp.repeat(valid_rows, masks_per_prompt)
+    # The official skips a filter whose threshold is 0 (so NaN stability passes then).
+    valid &= (iou > filters.pred_iou) | (filters.pred_iou <= 0)
+    valid &= (stability >= filters.stability) | (filters.stability <= 0)
+    valid &= ~amg.is_box_near_crop_edge(boxes, crop_box, orig_box)
+    index, count = amg.greedy_nms(boxes, iou, valid, filters.box_nms)
+    return _Candidates(count, index, iou[index], stability[index], boxes[index], low_res)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "input_size", "crop_size", "image_size",
+                                             "threshold"))
+def _kept_masks(low_res, index, start, *, chunk, input_size, crop_size, image_size,
+                threshold):
+    """Binary masks (chunk, H, W) at the crop size of candidates index[start:start + chunk];
+    past the end of `index`, repeats of its last entry (the caller drops them)."""
+    rows = index[jnp.minimum(start + jnp.arange(chunk), index.shape[0] - 1)]
+    return inference.postprocess_masks(low_res[rows], input_size=input_size,
+                                       original_size=crop_size, image_size=image_size,
+                                       threshold=threshold)
 
 
 class SamAutomaticMaskGenerator:
@@ -117,6 +221,8 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
         self.min_mask_region_area = int(min_mask_region_area)
         self.output_mode = output_mode
+        # The work's layout on this backend; assign another DevicePlan to override.
+        self.plan = plan_for_backend()
         self.last_timings: Dict[str, float] = {}
 
     # -- public ----------------------------------------------------------------------------
@@ -172,71 +278,70 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        predictor = self.predictor
         timings = self.last_timings
         start = time.perf_counter()
-        predictor.set_image(crop)
-        jax.block_until_ready(predictor.features)
+        self.predictor.set_image(crop)
+        jax.block_until_ready(self.predictor.features)
         timings["embed"] += time.perf_counter() - start
         start = time.perf_counter()
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
-        config = predictor.model.config
-        kept: Dict[str, list] = {k: [] for k in ("low_res", "iou_preds", "stability_score",
-                                                 "boxes", "points")}
-        for first in range(0, len(points), self.points_per_batch):
-            batch = points[first:first + self.points_per_batch]
-            n = len(batch)
-            padded = np.concatenate([batch, np.repeat(batch[:1], self.points_per_batch - n, 0)])
-            prompts = predictor._prompts(padded[:, None, :], np.ones((len(padded), 1), int),
-                                         None, None)
-            low_res, iou, stability, boxes = (np.asarray(x) for x in _batch_stats(
-                predictor.model.variables, predictor.features, prompts,
-                np.float32(self.stability_score_offset), config=config,
-                input_size=predictor.input_size, crop_size=crop_size, group=STATS_GROUP))
-            low_res, iou, stability, boxes = (x[:n] for x in (low_res, iou, stability, boxes))
-            keep = np.ones(iou.shape, bool)
-            if self.pred_iou_thresh > 0.0:
-                keep &= iou > self.pred_iou_thresh
-            if self.stability_score_thresh > 0.0:
-                keep &= stability >= self.stability_score_thresh
-            flat = boxes.reshape(-1, 4)
-            keep &= ~amg.is_box_near_crop_edge(flat, crop_box, [0, 0, orig_size[1],
-                                                                orig_size[0]]).reshape(keep.shape)
-            kept["low_res"].append(low_res[keep])
-            kept["iou_preds"].append(iou[keep])
-            kept["stability_score"].append(stability[keep])
-            kept["boxes"].append(boxes[keep])
-            kept["points"].append(np.repeat(batch[:, None, :], 3, axis=1)[keep])
-        data = {k: _concat(v) for k, v in kept.items()}
+        found, row_points = self._candidates(points, crop_box, crop_size, orig_size)
+        # The only copy to the host before the masks: the kept masks' count and numbers.
+        count, index, iou, stability, boxes = jax.device_get(tuple(found)[:5])
         timings["decode and filter"] += time.perf_counter() - start
         start = time.perf_counter()
-        # Remove duplicates within this crop.
-        data = _take(data, amg.nms(data["boxes"].astype(np.float32), data["iou_preds"],
-                                   self.box_nms_thresh))
-        masks = self._binary_masks(data.pop("low_res"), crop_size)
-        data["rles"] = _uncropped_rles(masks, crop_box, orig_size)
         offset = np.array([x0, y0, x0, y0])
-        data["boxes"] = data["boxes"] + offset
-        data["points"] = data["points"] + offset[:2]
-        data["crop_boxes"] = np.tile(np.asarray(crop_box)[None], (len(data["rles"]), 1))
-        predictor.reset_image()
+        masks_per_prompt = len(found.low_res) // len(row_points)
+        data = {"iou_preds": iou[:count], "stability_score": stability[:count],
+                "boxes": boxes[:count] + offset,
+                "points": row_points[index[:count] // masks_per_prompt] + offset[:2],
+                "rles": self._kept_rles(found, int(count), crop_box, crop_size, orig_size),
+                "crop_boxes": np.tile(np.asarray(crop_box)[None], (int(count), 1))}
+        self.predictor.reset_image()
         timings["nms, masks and rle"] += time.perf_counter() - start
         return data
 
-    def _binary_masks(self, low_res: np.ndarray, crop_size: Tuple[int, int]) -> np.ndarray:
-        """Kept masks at the crop size, upscaled in chunks of a fixed size (one compile)."""
-        chunk = 16
-        out = np.zeros((len(low_res),) + tuple(crop_size), bool)
+    def _candidates(self, points: np.ndarray, crop_box, crop_size,
+                    orig_size) -> Tuple[_Candidates, np.ndarray]:
+        """`_crop_candidates` for a crop's grid points (crop frame), padded to whole batches;
+        also returns the point of every prompt row."""
+        predictor, per_batch = self.predictor, self.points_per_batch
+        n = len(points)
+        padded = np.concatenate([points, np.repeat(points[:1], -n % per_batch, 0)])
+        batches = [predictor._prompts(padded[s:s + per_batch, None, :],
+                                      np.ones((per_batch, 1), int), None, None)
+                   for s in range(0, len(padded), per_batch)]
+        # Rows per batch: points_per_batch rounded up to the decoder's prompt bucket.
+        rows = len(batches[0].coords)
+        point_of_row = (np.arange(len(batches))[:, None] * per_batch + np.arange(rows)).ravel()
+        valid_rows = np.tile(np.arange(rows) < per_batch, len(batches)) & (point_of_row < n)
+        config = predictor.model.config
+        found = _crop_candidates(
+            predictor.model.variables, predictor.features,
+            np.stack([b.coords for b in batches]), np.stack([b.labels for b in batches]),
+            valid_rows, np.asarray(crop_box, np.int32),
+            np.array([0, 0, orig_size[1], orig_size[0]], np.int32),
+            _Filters(*(np.float32(x) for x in (
+                self.pred_iou_thresh, self.stability_score_thresh,
+                self.stability_score_offset, self.box_nms_thresh))),
+            config=config, input_size=predictor.input_size, crop_size=tuple(crop_size),
+            stats_group=self.plan.stats_group)
+        return found, padded[np.minimum(point_of_row, len(padded) - 1)]
+
+    def _kept_rles(self, found: _Candidates, count: int, crop_box, crop_size,
+                   orig_size) -> List[amg.Rle]:
+        """RLEs (image frame) of the `count` kept masks. All chunks are dispatched before the
+        first is read, so the device upscales the next chunks while the host encodes."""
+        chunk = self.plan.mask_chunk
         config = self.predictor.model.config
-        for s in range(0, len(low_res), chunk):
-            part = low_res[s:s + chunk]
-            padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
-                                                    part.dtype)])
-            masks = inference.postprocess_masks(
-                padded, input_size=self.predictor.input_size, original_size=tuple(crop_size),
-                image_size=config.image_size, threshold=config.mask_threshold)
-            out[s:s + len(part)] = np.asarray(masks)[:len(part)]
-        return out
+        parts = [_kept_masks(found.low_res, found.index, np.int32(s), chunk=chunk,
+                             input_size=self.predictor.input_size, crop_size=tuple(crop_size),
+                             image_size=config.image_size, threshold=config.mask_threshold)
+                 for s in range(0, count, chunk)]
+        rles: List[amg.Rle] = []
+        for s, part in zip(range(0, count, chunk), parts):
+            rles += _uncropped_rles(np.asarray(part)[:count - s], crop_box, orig_size)
+        return rles
 
     @staticmethod
     def _postprocess_small_regions(data: Dict[str, Any], min_area: int,

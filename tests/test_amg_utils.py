@@ -1,6 +1,7 @@
 """sam_jax.utils.amg against the official segment_anything.utils.amg, pycocotools (COCO RLE
 strings, byte for byte) and torchvision's nms, on seeded random inputs."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -72,6 +73,31 @@ def test_nms_equals_torchvision():
         expected = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
                                torch.zeros(n), thr).numpy()
         np.testing.assert_array_equal(amg.nms(boxes, scores, thr), expected)
+
+
+@pytest.mark.parametrize("n, thr, valid_share", [(1, 0.7, 1.0), (64, 0.5, 0.7),
+                                                  (500, 0.7, 0.7), (500, 0.98, 0.9),
+                                                  (50, 0.5, 0.0)])
+def test_greedy_nms_on_device_equals_torchvision(n, thr, valid_share):
+    """The jitted NMS the generator runs per crop: boxes flagged invalid take no part, the
+    kept indices come by decreasing score (ties: lower index) and are padded with 0 to N."""
+    from torchvision.ops import nms as torchvision_nms
+    rng = np.random.default_rng(n)
+    xy = rng.integers(0, 200, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(0, 80, (n, 2))], 1).astype(np.int32)
+    boxes[::13] = 0  # empty masks have all-zero boxes
+    scores = rng.random(n).astype(np.float32)
+    scores[1::4] = scores[0]  # ties, among valid and invalid boxes
+    scores[2::7] = scores[-1]
+    valid = rng.random(n) < valid_share
+    kept, count = jax.jit(amg.greedy_nms)(boxes, scores, valid, np.float32(thr))
+    kept, count = np.asarray(kept), int(count)
+    idx = np.flatnonzero(valid)
+    expected = idx[torchvision_nms(torch.from_numpy(boxes[idx]).float(),
+                                   torch.from_numpy(scores[idx]), thr).numpy()]
+    assert count == len(expected) and (count > 0) == (valid_share > 0)
+    np.testing.assert_array_equal(kept[:count], expected)
+    assert not kept[count:].any()
 
 
 def test_rle_round_trip_and_official_encoding():

@@ -1,9 +1,13 @@
 """Ports `segment_anything/utils/amg.py`: point grids, crop boxes, stability score, mask boxes,
-run-length encodings and small-region removal, for the automatic mask generator.
+near-crop-edge test, run-length encodings and small-region removal, for the automatic mask
+generator, plus the NMS the official takes from torchvision.
 
-Host-side helpers are numpy (RLE encoding is inherently sequential output); the per-mask
-reductions that run on every decoded mask (`stability_score`, `masks_to_boxes`, `nms`) are
-jax functions with static shapes. Differences from the official module:
+Host-side helpers are numpy (RLE encoding is inherently sequential output); what runs on every
+decoded mask (`stability_score`, `masks_to_boxes`, `is_box_near_crop_edge`, `greedy_nms`) is
+jax with static shapes, so the generator filters and suppresses a crop's masks on the device.
+Differences from the official module:
+- `greedy_nms` is torchvision's `nms` (same order, same ties) on a fixed-size candidate set
+  with validity flags, returning the kept indices padded to that size and their count;
 - COCO's compressed RLE string is written here (`coco_encode_rle`), byte-identical to
   pycocotools (tested), so reading and writing SA-1B needs no pycocotools;
 - `remove_small_regions` labels components with scipy instead of OpenCV (same 8-connectivity,
@@ -70,18 +74,7 @@ def box_xyxy_to_xywh(box: Sequence[float]) -> List[float]:
     return [x0, y0, x1 - x0, y1 - y0]
 
 
-def is_box_near_crop_edge(boxes: np.ndarray, crop_box: Sequence[int],
-                          orig_box: Sequence[int], atol: float = 20.0) -> np.ndarray:
-    """(N,) True where a box (crop frame, XYXY) lies within `atol` of a crop edge that is not
-    also an edge of the image: the mask was probably cut by the crop."""
-    x0, y0 = crop_box[0], crop_box[1]
-    boxes = np.asarray(boxes, np.float32) + np.asarray([x0, y0, x0, y0], np.float32)
-    near_crop = np.abs(boxes - np.asarray(crop_box, np.float32)) <= atol
-    near_image = np.abs(boxes - np.asarray(orig_box, np.float32)) <= atol
-    return np.any(near_crop & ~near_image, axis=1)
-
-
-# ---- device-side per-mask reductions -----------------------------------------------------------
+# ---- device-side per-mask reductions, filters and NMS -------------------------------------------
 
 def stability_score(logits: jax.Array, mask_threshold: float, offset: float) -> jax.Array:
     """IoU of the masks thresholded at `mask_threshold` +- `offset` (the high one is inside
@@ -112,32 +105,55 @@ def masks_to_boxes(masks: jax.Array) -> jax.Array:
     return boxes_from_any(jnp.any(masks, axis=-1), jnp.any(masks, axis=-2))
 
 
-@jax.jit
-def _greedy_nms(boxes, scores, valid, iou_threshold):
+def is_box_near_crop_edge(boxes: jax.Array, crop_box: jax.Array, orig_box: jax.Array,
+                          atol: float = 20.0) -> jax.Array:
+    """(N,) True where a box (crop frame, XYXY) lies within `atol` of a crop edge that is not
+    also an edge of the image: the mask was probably cut by the crop. Jittable; the crop and
+    image boxes may be traced, so crops of one size share a compiled function."""
+    crop_box = jnp.asarray(crop_box, jnp.float32)
+    boxes = jnp.asarray(boxes, jnp.float32) + crop_box[jnp.array([0, 1, 0, 1])]
+    near_crop = jnp.abs(boxes - crop_box) <= atol
+    near_image = jnp.abs(boxes - jnp.asarray(orig_box, jnp.float32)) <= atol
+    return jnp.any(near_crop & ~near_image, axis=1)
+
+
+def greedy_nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
+               iou_threshold: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """torchvision's `nms` on the `valid` ones of N XYXY boxes, jittable with static shapes:
+    returns the kept indices by decreasing score (ties: lower index first), padded with 0 to
+    N, and their count.
+
+    Greedy, as torchvision: the best remaining box is kept and suppresses every remaining box
+    with IoU > threshold (IoU NaN, two empty boxes, suppresses nothing). One loop step per
+    kept box, each comparing it with all N boxes: no N x N matrix is stored. Mask boxes are
+    integers, so areas and intersections are exact in float32 and only the division rounds,
+    as in torchvision: the same boxes are kept on every backend."""
     n = boxes.shape[0]
     order = jnp.argsort(jnp.where(valid, -scores, jnp.inf), stable=True)
-    b = boxes[order].astype(jnp.float32)
-    ok = valid[order]
+    b = jnp.asarray(boxes, jnp.float32)[order]
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = jnp.maximum(b[:, None, :2], b[None, :, :2])
-    rb = jnp.minimum(b[:, None, 2:], b[None, :, 2:])
-    wh = jnp.maximum(rb - lt, 0)
-    inter = wh[..., 0] * wh[..., 1]
-    iou = inter / (area[:, None] + area[None, :] - inter)
-    overlaps = iou > iou_threshold  # NaN (two empty boxes) never suppresses, as torchvision
 
-    def visit(i, keep):
-        suppressed = jnp.any(keep & overlaps[i])
-        return keep.at[i].set(ok[i] & ~suppressed)
+    def keep_best(state):
+        remaining, kept, count = state
+        i = jnp.argmax(remaining)  # the first remaining box in score order
+        wh = jnp.maximum(jnp.minimum(b[i, 2:], b[:, 2:]) - jnp.maximum(b[i, :2], b[:, :2]), 0)
+        inter = wh[:, 0] * wh[:, 1]
+        iou = inter / (area[i] + area - inter)
+        remaining = (remaining & ~(iou > iou_threshold)).at[i].set(False)
+        return remaining, kept.at[count].set(order[i]), count + 1
 
-    keep = jax.lax.fori_loop(0, n, visit, jnp.zeros((n,), bool))
-    return order, keep
+    state = (jnp.asarray(valid)[order], jnp.zeros((n,), jnp.int32), jnp.int32(0))
+    _, kept, count = jax.lax.while_loop(lambda s: jnp.any(s[0]), keep_best, state)
+    return kept, count
+
+
+_greedy_nms_jit = jax.jit(greedy_nms)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS as torchvision's `nms`: indices of the kept boxes, by decreasing score
-    (ties: lower index first). Runs jitted on a power-of-two padded size, so the number of
-    boxes does not trigger a new compile each call."""
+    """`greedy_nms` for host arrays: indices of the kept boxes (torchvision's `nms`). Runs
+    jitted on a power-of-two padded size, so the number of boxes does not trigger a new
+    compile each call."""
     n = len(boxes)
     if n == 0:
         return np.zeros((0,), np.int64)
@@ -146,10 +162,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     pb[:n] = boxes
     ps = np.zeros((size,), np.float32)
     ps[:n] = scores
-    valid = np.arange(size) < n
-    order, keep = _greedy_nms(pb, ps, valid, np.float32(iou_threshold))
-    order, keep = np.asarray(order), np.asarray(keep)
-    return order[keep].astype(np.int64)
+    kept, count = jax.device_get(_greedy_nms_jit(pb, ps, np.arange(size) < n,
+                                                 np.float32(iou_threshold)))
+    return kept[:count].astype(np.int64)
 
 
 # ---- run-length encodings ----------------------------------------------------------------------
