@@ -29,12 +29,14 @@ step time (layer-wise lr decay and clipping are a few elementwise passes over th
 
 FLOPs: XLA's `cost_analysis()` counts the body of a loop once, whatever its trip count (checked:
 an 11-step `lax.scan` of a matmul reports the flops of one matmul). The step has loops (the 11
-decoder rounds are a `lax.scan`; the encoder's global attention maps over heads and query chunks
-with `lax.map`), so the compiled step's count is far too low. `count_flops` therefore traces the
+decoder rounds are a `lax.scan`; on CPU the encoder's global attention maps over heads and query
+chunks with `lax.map`), so the compiled step's count is far too low. `count_flops` therefore traces the
 step again with `lax.scan`/`lax.map` fully unrolled and takes the cost analysis of that lowering
 (unoptimized HLO, not compiled: compiling it would take far longer; for tiny, the optimized
-program's count is ~13% above the unoptimized one's, XLA expanding some ops). It counts what is
-executed, remat recomputation included, so the "MFU" here is closer to hardware FLOPs
+program's count is ~13% above the unoptimized one's, XLA expanding some ops). The count is taken
+with the encoder's "xla" attention (cost analysis cannot see inside the cuDNN/Pallas kernels the
+step may use on a GPU/TPU; the math is the same). It counts what is executed, remat
+recomputation included, so the "MFU" here is closer to hardware FLOPs
 utilisation than to the model FLOPs of the PaLM paper.
 The compiled step's own (loop-once) count goes to `--json` as `xla_flops_loops_once`.
 
@@ -230,7 +232,11 @@ def run_model(args) -> dict:
 
     flops = None
     if not args.no_flops:
-        fn = make_train_step(cfg, optim, step_config, optimizer)
+        # Counted on the "xla" attention path, the same function as the step's: fused
+        # attention kernels (cuDNN, Pallas) are custom calls that XLA's cost analysis cannot
+        # see into, and the folded path's wider q.k product is not model work.
+        counted = cfg.replace(attention_impl="xla")
+        fn = make_train_step(counted, optim, step_config, optimizer)
         flops = count_flops(fn, abstract)
     step_s = statistics.median(times)
     return {

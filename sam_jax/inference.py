@@ -129,8 +129,11 @@ def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptB
         return model.apply(variables, image, sparse, dense, multimask_output, token_mask,
                            method="decode")
     # Decode `group` prompts at a time: the per-prompt feature maps (64x64x256 and larger) of
-    # a group stay cache- and heap-sized, instead of GBs re-faulted in on every call.
-    groups = lambda x: x.reshape((num // group, group) + x.shape[1:])  # noqa: E731
+    # a group stay cache- and heap-sized, instead of GBs re-faulted in on every call. A group
+    # takes every (num/group)-th prompt, so prompts sharded in blocks over a mesh stay spread
+    # over the devices in every step (consecutive prompts would put a whole group on one
+    # device, and XLA then replicates the loop).
+    groups = lambda x: x.reshape((group, num // group) + x.shape[1:]).swapaxes(0, 1)  # noqa
     per_prompt = lambda x: x.shape[0] == num and num > 1  # noqa: E731
     shared = {k: x for k, x in (("image", image), ("dense", dense)) if not per_prompt(x)}
     mapped = {k: groups(x) for k, x in (("image", image), ("dense", dense)) if per_prompt(x)}
@@ -142,7 +145,8 @@ def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptB
 
     low_res, iou = jax.lax.map(decode_group, dict(mapped, sparse=groups(sparse),
                                                   token_mask=groups(token_mask)))
-    return low_res.reshape((num,) + low_res.shape[2:]), iou.reshape((num,) + iou.shape[2:])
+    ungroup = lambda x: x.swapaxes(0, 1).reshape((num,) + x.shape[2:])  # noqa: E731
+    return ungroup(low_res), ungroup(iou)
 
 
 def _bucket(n: int, minimum: int = 1) -> int:

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import inference
+from . import device_predict, inference
 from .inference import SamModel
 from .utils.transforms import ResizeLongestSide
 
@@ -141,19 +141,33 @@ class SamPredictor:
         powers of two, so varying them does not recompile for every new value."""
         self._require_image("before mask prediction")
         prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
-        cfg = self.model.config
-        low_res, iou = inference.decode_prompts(self.model.variables, self.features, prompts,
-                                                config=cfg, multimask_output=multimask_output,
-                                                with_masks=bool(prompts.has_mask.any()))
-        # Upscale the padded batch (a fixed shape, so no retrace) and drop the padding after.
-        masks = inference.postprocess_masks(low_res, input_size=self.input_size,
-                                            original_size=self.original_size,
-                                            image_size=cfg.image_size,
-                                            threshold=None if return_logits else
-                                            cfg.mask_threshold)
+        out = device_predict.decode_and_upscale(
+            self.model.variables, self.features, prompts, config=self.model.config,
+            multimask_output=multimask_output, with_masks=bool(prompts.has_mask.any()),
+            return_logits=return_logits, input_size=self.input_size,
+            original_size=self.original_size)
+        # The padded batch was upscaled (a fixed shape, so no retrace): drop the padding on
+        # the host, where slicing is a view.
         n = prompts.num_prompts
-        masks, iou, low_res = np.asarray(masks)[:n], np.asarray(iou)[:n], np.asarray(low_res)[:n]
+        masks, iou, low_res = (np.asarray(x)[:n] for x in out)
         return masks, np.asarray(iou, np.float32), np.asarray(low_res, np.float32)
+
+    def predict_jax(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
+                    multimask_output: bool = True, return_logits: bool = False,
+                    upscale: bool = True) -> device_predict.DevicePrediction:
+        """The official `predict_torch` on jax arrays: B prompts ALREADY IN THE MODEL INPUT
+        FRAME (`self.transform.apply_coords` / `apply_boxes`): points (B, N, 2) + labels
+        (B, N), boxes (B, 4), mask inputs (B, 1, 256, 256) -> a `DevicePrediction` of jax
+        arrays on the device: masks (B, C, H, W) at the original size (None with
+        upscale=False), IoU (B, C), low-res logits (B, C, 256, 256). Nothing is copied to
+        the host; shapes are checked, values are not (see `sam_jax.device_predict`)."""
+        self._require_image("before mask prediction")
+        sizes = dict(input_size=self.input_size, original_size=self.original_size)
+        return device_predict.predict_on_device(
+            self.model.variables, self.features, point_coords, point_labels,
+            config=self.model.config, boxes=boxes, mask_inputs=mask_input,
+            multimask_output=multimask_output, return_logits=return_logits,
+            **(sizes if upscale else {}))
 
 
 def _one_prompt(x, name: str, shape: tuple):
