@@ -17,6 +17,7 @@ from .configs import SamConfig, get_config, tiny, vit_b, vit_h, vit_l
 from .inference import SamModel
 from .automatic_mask_generator import SamAutomaticMaskGenerator
 from .predictor import SamPredictor
+from .device_predict import DevicePrediction, predict_on_device
 from .utils.host_memory import keep_freed_host_memory
 
 __version__ = "0.1.0"

@@ -6,8 +6,10 @@ dtypes and coordinate conventions (numpy, (x, y) pixels of the original image, X
 CxHxW masks, 1x256x256 mask inputs). Differences, all on the side of safety:
 - prompts are validated (points/boxes inside the image, labels 0/1, shapes) with errors that
   name the problem, where the official code asserts or silently extrapolates;
-- `predict_batch` (the official `predict_torch`) takes prompts in the ORIGINAL image frame as
-  numpy arrays and returns numpy; `transform` is available for callers who want the model frame.
+- `predict_batch` takes prompts in the ORIGINAL image frame as numpy arrays and returns numpy;
+  `transform` is available for callers who want the model frame;
+- `predict_jax` is the official `predict_torch` on jax arrays: model-frame prompts in, masks,
+  IoU and low-res logits out as jax arrays on the device (`sam_jax.device_predict`).
 """
 
 from __future__ import annotations
