@@ -58,8 +58,12 @@ def save_converted(variables: Variables, config: SamConfig, out_dir: str | os.Pa
         if os.path.exists(config_path):
             os.remove(config_path)
     os.makedirs(out_dir, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
-        checkpointer.save(var_dir, variables)
+    # host arrays, written by this process alone (e.g. process 0 of a multi-process training
+    # run): Orbax's barriers must not wait for processes that do not call this
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
+        checkpointer.save(var_dir, variables)  # leaving the block waits for the write
     # config.json last: a directory that has one holds a complete conversion.
     info = dict(config.to_dict(), format=FORMAT, **(metadata or {}))
     with open(config_path + ".tmp", "w") as f:

@@ -242,8 +242,9 @@ class TrainCheckpointer:
 
 # ---------------------------------------------------------------------------- PreemptionWatcher
 def _preemption_service_on() -> bool:
-    """Whether `jax.distributed.initialize` started JAX's preemption sync manager (on by
-    default on multi-host TPU runs). Reads a private attribute: absent -> False."""
+    """Whether `jax.distributed.initialize` started JAX's preemption sync manager (it does
+    unless `jax_enable_preemption_service` is off, on any backend; CPU processes included).
+    Reads a private attribute: absent -> False."""
     try:
         from jax._src import distributed
         return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
@@ -269,8 +270,9 @@ class PreemptionWatcher:
     step numbers. Two ways to agree, chosen by `sync`:
       "preemption_service": `jax.experimental.multihost_utils.reached_preemption_sync_point`,
           JAX's own protocol (needs `jax.distributed.initialize` with its preemption service,
-          the default on TPU). JAX's coordination service catches SIGTERM itself, so in this
-          mode no Python handler is installed (one would replace JAX's).
+          the default). JAX's coordination service catches SIGTERM itself (tested with 2 CPU
+          processes: tests/test_training_multihost.py), so in this mode no Python handler is
+          installed (one would replace JAX's).
       "allgather": every `check_every` steps, the hosts' flags are all-gathered
           (`multihost_utils.process_allgather`) and all stop if any host was signalled. One tiny
           cross-host collective per check.

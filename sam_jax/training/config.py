@@ -32,7 +32,8 @@ class DataConfig:
     holdout_groups: tuple[str, ...] = ()  # image_mask_folder: whole groups kept for evaluation
     validation_fraction: float = 0.0  # sa1b: fraction of images kept for evaluation
     max_masks: int = 64  # masks per image per step (the paper's 64)
-    num_workers: int = 2
+    num_workers: int = 2  # reader threads in each loader process
+    worker_count: int | None = None  # Grain worker processes (None: cores - 1; 0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,14 @@ class TrainConfig:
     eval_clicks: int = 3
     fsdp: bool = False
     init_from: str = ""  # a converted checkpoint, .pth or safetensors to start from
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host pods)
+    # multi-process: `distributed` calls jax.distributed.initialize() with the three settings
+    # below; the defaults ("" / 0 / -1) leave them to JAX's cluster detection (TPU pods, Slurm,
+    # Open MPI, JAX_COORDINATOR_ADDRESS). Elsewhere give each process all three, e.g.
+    # `distributed=true coordinator_address=10.0.0.1:1234 num_processes=2 process_id=1`.
+    distributed: bool = False
+    coordinator_address: str = ""  # host:port of process 0's coordinator
+    num_processes: int = 0
+    process_id: int = -1
     export_dir: str = ""  # where the final inference checkpoint goes (default <workdir>/final)
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,12 @@ Starting again in the same workdir resumes from the latest checkpoint: the state
 into the same shardings, and since batches and random keys are functions of the step number,
 the resumed run computes exactly what the uninterrupted run would have. SIGTERM (a TPU
 preemption notice) saves the current step and exits cleanly.
+
+Multi-process (`distributed: true`): every process runs this same loop on one shared workdir.
+Each reads only its rows of every batch; Orbax writes each process's shards of a checkpoint;
+process 0 alone prepares the dataset (the others wait, then read it), writes metrics.jsonl,
+curves.png and final/, and runs the evaluations. A SIGTERM to any one process stops all of them
+after the same step (`PreemptionWatcher`), so their checkpoint is one consistent step.
 """
 
 from __future__ import annotations
@@ -26,13 +32,25 @@ import numpy as np
 
 from ..build_sam import init_variables
 from ..inference import SamModel
-from ..sharding import data_mesh
+from ..sharding import barrier, data_mesh, initialize_distributed
 from .config import TrainConfig
 from .optim import make_optimizer
 from .train_step import compile_train_step, global_batch, init_state, place_state
 
 
 def _prepare_data(cfg: TrainConfig):
+    """Prepares the dataset (process 0 first: concurrent TFDS preparations of one directory
+    would race; the others then find it prepared) and returns its train and eval sources."""
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            sources = _prepare_data_here(cfg)
+        barrier("sam_jax: dataset prepared", timeout_s=24 * 3600)  # SA-1B takes hours
+        if jax.process_index() == 0:
+            return sources
+    return _prepare_data_here(cfg)
+
+
+def _prepare_data_here(cfg: TrainConfig):
     from . import datasets
 
     data = cfg.data
@@ -67,11 +85,32 @@ def _initial_variables(cfg: TrainConfig):
     return init_variables(cfg.model, jax.random.key(cfg.step.seed))
 
 
-class MetricsLog:
-    """Appends JSON lines; on resume, drops lines past the restored step (they will be redone)."""
+def _to_host(tree):
+    """Device arrays -> numpy. Multi-process, an array split across hosts (FSDP) is gathered
+    first, one leaf at a time (a whole-state gather could exhaust device memory): a
+    collective, so every process must call this at the same point with the same tree.
+    Replicated leaves are read from a local copy (no collective, nothing to compile)."""
+    from jax.experimental import multihost_utils
 
-    def __init__(self, path: str, resume_step: int):
+    def get(leaf):
+        if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable
+                                                or leaf.is_fully_replicated):
+            return multihost_utils.process_allgather(leaf, tiled=True)
+        return jax.device_get(leaf)
+
+    return jax.tree.map(get, tree)
+
+
+class MetricsLog:
+    """Appends JSON lines; on resume, drops lines past the restored step (they will be redone).
+    With `write=False` (processes other than 0 of a multi-process run, which share the file)
+    it neither rewrites nor appends."""
+
+    def __init__(self, path: str, resume_step: int, write: bool = True):
         self.path = path
+        self.enabled = write
+        if not write:
+            return
         kept = []
         if os.path.exists(path):
             with open(path) as f:
@@ -87,12 +126,20 @@ class MetricsLog:
         os.replace(path + ".tmp", path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def _plot(log: MetricsLog, cfg: TrainConfig) -> None:
+    """Redraws curves.png, where the log is written (process 0)."""
+    if log.enabled:
+        plot_curves(log.records(), os.path.join(cfg.workdir, "curves.png"))
 
 
 def plot_curves(records: list[dict[str, Any]], path: str) -> None:
@@ -126,15 +173,30 @@ def plot_curves(records: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def _evaluate(cfg: TrainConfig, params, buffers, source, step: int) -> dict[str, Any]:
+def _evaluate(cfg: TrainConfig, params, buffers, source, step: int) -> dict[str, Any] | None:
+    """Held-out click mIoU on process 0 (None elsewhere; all processes must call it, for the
+    gather of the parameters)."""
     from .data import eval_examples
     from .evaluate import evaluate_clicks
 
-    model = SamModel(cfg.model, {"params": jax.device_get(params),
-                                 "buffers": jax.device_get(buffers)})
+    variables = _to_host({"params": params, "buffers": buffers})
+    if jax.process_index() != 0:
+        return None
+    model = SamModel(cfg.model, variables)
     examples = eval_examples(source, max_examples=cfg.eval_images)
     result = evaluate_clicks(model, examples, num_clicks=cfg.eval_clicks)
     return {"kind": "eval", "step": step, **result}
+
+
+def _compiled_together(step_fn, args, step: int):
+    """`step_fn` compiled ahead for `args`; multi-process, returns once every process has it,
+    so that they enter the first step's collectives together (compile times differ between
+    processes, e.g. when one finds the step in the compilation cache; see `barrier`)."""
+    if jax.process_count() == 1:
+        return step_fn
+    compiled = step_fn.lower(*args).compile()
+    barrier(f"sam_jax: train step compiled at step {step}", timeout_s=3600)
+    return compiled
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -145,7 +207,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     from .data import TrainLoader
 
     if cfg.distributed:
-        jax.distributed.initialize()
+        initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if cfg.batch_size % jax.device_count():
         raise ValueError(f"batch_size {cfg.batch_size} must divide by the {jax.device_count()} "
                          "devices (each device takes an equal share of the images)")
@@ -172,10 +234,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
                                 abstract, compiled.state_sharding)
         state = ckpt.restore(abstract, start)
     del params
-    log = MetricsLog(os.path.join(cfg.workdir, "metrics.jsonl"), start)
+    log = MetricsLog(os.path.join(cfg.workdir, "metrics.jsonl"), start,
+                     write=jax.process_index() == 0)
     loader = TrainLoader(train_source, cfg.batch_size, image_size=cfg.model.image_size,
                          max_masks=cfg.data.max_masks, seed=cfg.step.seed,
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers,
+                         worker_count=cfg.data.worker_count)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     bar = None
     if progress and jax.process_index() == 0:
@@ -187,9 +251,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     t0 = time.time()
     with PreemptionWatcher() as watcher:
         batches = loader.batches(start, end - start)
+        step_fn = None
         try:
             for step, local in batches:
-                state, metrics = compiled.step(state, global_batch(local, mesh), buffers)
+                batch = global_batch(local, mesh)
+                if step_fn is None:
+                    step_fn = _compiled_together(compiled.step, (state, batch, buffers), step)
+                state, metrics = step_fn(state, batch, buffers)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == end:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -207,7 +275,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
                 if (cfg.eval_every and done % cfg.eval_every == 0 and eval_source is not None
                         and done != cfg.steps):
                     log.write(_evaluate(cfg, state["params"], buffers, eval_source, done))
-                    plot_curves(log.records(), os.path.join(cfg.workdir, "curves.png"))
+                    _plot(log, cfg)
         finally:
             batches.close()
             loader.close()
@@ -220,24 +288,26 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
         ckpt.wait()
         if eval_source is not None:
             result = _evaluate(cfg, state["params"], buffers, eval_source, cfg.steps)
-            log.write(result)
-            metrics = dict(metrics, **{f"eval_{k}": v for k, v in result.items()
-                                       if k not in ("kind", "step")})
+            if result is not None:
+                log.write(result)
+                metrics = dict(metrics, **{f"eval_{k}": v for k, v in result.items()
+                                           if k not in ("kind", "step")})
         export_inference(cfg, state["params"], buffers)
-        plot_curves(log.records(), os.path.join(cfg.workdir, "curves.png"))
+        _plot(log, cfg)
     ckpt.close()
-    return {"state": jax.device_get(state), "metrics": metrics, "finished": finished}
+    return {"state": _to_host(state), "metrics": metrics, "finished": finished}
 
 
 def export_inference(cfg: TrainConfig, params, buffers) -> str:
-    """Writes the trained variables as a converted checkpoint (`sam_jax.load` reads it)."""
+    """Writes the trained variables as a converted checkpoint (`sam_jax.load` reads it).
+    Multi-process: every process calls it (the parameters are gathered), process 0 writes."""
     from ..checkpoint import save_converted
 
     out = cfg.export_dir or os.path.join(cfg.workdir, "final")
     # training-only switches off: the exported config equals the inference preset
     encoder = dataclasses.replace(cfg.model.image_encoder, drop_path_rate=0.0, remat_blocks=False)
     model = cfg.model.replace(image_encoder=encoder)
-    variables = {"params": jax.device_get(params), "buffers": jax.device_get(buffers)}
+    variables = _to_host({"params": params, "buffers": buffers})
     if jax.process_index() == 0:
         save_converted(variables, model, out, overwrite=True,
                        metadata={"source": f"trained by sam-jax train in {cfg.workdir}"})
