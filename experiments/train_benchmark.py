@@ -29,9 +29,9 @@ step time (layer-wise lr decay and clipping are a few elementwise passes over th
 
 FLOPs: XLA's `cost_analysis()` counts the body of a loop once, whatever its trip count (checked:
 an 11-step `lax.scan` of a matmul reports the flops of one matmul). The step has loops (the 11
-decoder rounds are a `lax.scan`; on CPU the encoder's global attention maps over heads and query
-chunks with `lax.map`), so the compiled step's count is far too low. `count_flops` therefore traces the
-step again with `lax.scan`/`lax.map` fully unrolled and takes the cost analysis of that lowering
+decoder rounds are a `lax.scan`; on CPU the encoder's global attention maps over heads and
+query chunks with `lax.map`), so the compiled step's count is far too low. `count_flops`
+therefore traces the step again with `lax.scan`/`lax.map` fully unrolled and takes the cost analysis of that lowering
 (unoptimized HLO, not compiled: compiling it would take far longer; for tiny, the optimized
 program's count is ~13% above the unoptimized one's, XLA expanding some ops). The count is taken
 with the encoder's "xla" attention (cost analysis cannot see inside the cuDNN/Pallas kernels the

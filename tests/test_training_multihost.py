@@ -38,7 +38,9 @@ DEVICES = 4  # in all: 1 process x 4, or 2 processes x 2
 # process uncached (mostly compiling); 284 s wall for 2 processes at a load average of 10.
 RUN_TIMEOUT = 480
 # each step logged; no periodic checkpoint, so the only one before the end is SIGTERM's
-OVERRIDES = ["log_every=1", "save_every=1000"]
+# Batches made in-process: Grain's worker processes (tested in test_training_data and, through
+# `sam-jax train`, in test_training_loop) would add 2 more JAX processes to a 2-core machine.
+OVERRIDES = ["log_every=1", "save_every=1000", "data.worker_count=0"]
 
 
 def _free_port() -> int:
