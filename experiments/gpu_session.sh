@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Every accelerator figure the README's GPU section needs, as ONE command for a lent GPU
-# (device time is scarce: one start, one run). Each step writes its table under $OUT as soon
+# (device time is scarce: one start, then two calls back to back while it is warm). Each step writes its table under $OUT as soon
 # as it ends and has its own time limit, so a step that hangs costs only itself.
 #
 # Prepare on the development machine (the official package is pure Python; the device image
 # has jax, flax, optax, orbax, torch, matplotlib, einops, safetensors, scipy, tqdm):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl segment-anything
-# then run there with carry [".whl"]:
-#   bash experiments/gpu_session.sh            (about 9 minutes on an H200)
-# Steps, in order of importance: attention exactness and speed on the device (vit_h), the
-# side-by-side benchmark for vit_h and vit_b (encoder batch 1 and 8, decode 1 and 64, automatic
-# masks), the vit_b train step in bf16 with and without block remat (MFU).
+# then run there with carry [".whl"], in two calls that each fit the tool's 10-minute limit
+# (timeout_s 560; a call's own limits below add up to 540 s):
+#   bash experiments/gpu_session.sh inference   attention paths weighed (vit_h), the
+#                                               side-by-side benchmark for vit_h
+#   bash experiments/gpu_session.sh training    the side-by-side benchmark for vit_b, the vit_b
+#                                               bf16 train step with and without block remat
+# (no argument runs both, for a machine without the tool's limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/sam_jax_gpu}
 mkdir -p "$OUT"
@@ -32,16 +34,21 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND, output to $OUT/NAME.txt
     tail -n 25 "$OUT/$name.txt"
 }
 
-step attention_vit_h 100 python3 experiments/attention_paths.py --model vit_h --batches 1,8 \
+part=${1:-all}
+if [ "$part" = inference ] || [ "$part" = all ]; then
+step attention_vit_h 150 python3 experiments/attention_paths.py --model vit_h --batches 1,8 \
     --repeats 10 --out-json "$OUT/attention_vit_h.json"
-step benchmark_vit_h 200 python3 experiments/benchmark.py --model vit_h --repeats 10 \
+step benchmark_vit_h 390 python3 experiments/benchmark.py --model vit_h --repeats 10 \
     --tasks encoder,encoder-8,decode-1,decode-64,amg --out-json "$OUT/benchmark_vit_h.json" \
     --out-png "$OUT/benchmark_vit_h.png"
-step benchmark_vit_b 120 python3 experiments/benchmark.py --model vit_b --repeats 10 \
+fi
+if [ "$part" = training ] || [ "$part" = all ]; then
+step benchmark_vit_b 180 python3 experiments/benchmark.py --model vit_b --repeats 10 \
     --tasks encoder,encoder-8,decode-64 --out-json "$OUT/benchmark_vit_b.json"
-step train_vit_b 150 python3 experiments/train_benchmark.py --models vit_b --batch 8 --masks 16 \
+step train_vit_b 210 python3 experiments/train_benchmark.py --models vit_b --batch 8 --masks 16 \
     --compute-dtype bfloat16 --steps 5 --out "$OUT/train_vit_b_bf16"
-step train_vit_b_remat 100 python3 experiments/train_benchmark.py --models vit_b --batch 8 \
+step train_vit_b_remat 150 python3 experiments/train_benchmark.py --models vit_b --batch 8 \
     --masks 16 --compute-dtype bfloat16 --remat-blocks --steps 5 --no-flops \
     --out "$OUT/train_vit_b_bf16_remat"
+fi
 echo "done $(date +%T)"
