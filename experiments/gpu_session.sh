@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every accelerator figure the README's GPU section needs, as ONE command for a lent GPU
-# (device time is scarce: one start, then two calls back to back while it is warm). Each step writes its table under $OUT as soon
-# as it ends and has its own time limit, so a step that hangs costs only itself.
+# Every accelerator figure the README's GPU section needs, for a lent GPU (device time is
+# scarce: one start, then two calls back to back while the machine is warm). Each step writes
+# its table under $OUT as soon as it ends and has its own time limit, so a step that hangs
+# costs only itself.
 #
 # Prepare on the development machine (the official package is pure Python; the device image
 # has jax, flax, optax, orbax, torch, matplotlib, einops, safetensors, scipy, tqdm):
