@@ -41,8 +41,8 @@ def load(path: str | os.PathLike | None = None, model_type: str = "auto",
     return SamModel(config, variables)
 
 
-__all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "SamAutomaticMaskGenerator", "SamConfig",
-           "SamModel", "SamPredictor",
+__all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "DevicePrediction",
+           "SamAutomaticMaskGenerator", "SamConfig", "SamModel", "SamPredictor",
            "abstract_variables",
-           "build_sam", "get_config", "init_variables", "keep_freed_host_memory", "load", "tiny",
-           "vit_b", "vit_h", "vit_l"]
+           "build_sam", "get_config", "init_variables", "keep_freed_host_memory", "load",
+           "predict_on_device", "tiny", "vit_b", "vit_h", "vit_l"]

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .configs import SamConfig
+from .configs import SamConfig, get_config
 from .utils.torch_pickle import CheckpointError
 
 __all__ = ["CheckpointError", "save_converted", "load_converted", "load_variables"]
@@ -121,7 +121,6 @@ def load_variables(path: str | os.PathLike, model_type: str = "auto",
     model.safetensors), or a `.pth`/`.pt`/`.safetensors` file, converted on the fly.
     `model_type`/`config` choose the model for files ("auto" detects it); a converted
     directory carries its own config."""
-    from .configs import get_config
     from .convert import convert_state_dict, detect_model_type, read_checkpoint
 
     path = os.fspath(path)
@@ -142,3 +141,25 @@ def load_variables(path: str | os.PathLike, model_type: str = "auto",
                             else model_type)
     variables = convert_state_dict(state_dict, config, path)
     return config, jax.device_put(variables)
+
+
+def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
+                       model_type: str = "auto", config: Optional[SamConfig] = None,
+                       overwrite: bool = False) -> SamConfig:
+    """Reads a torch/safetensors checkpoint and writes `out_dir` (config.json + Orbax
+    variables). The model is `config` if given, else `model_type` ("auto" detects it)."""
+    from .convert import convert_state_dict, detect_model_type, read_checkpoint
+
+    path = os.fspath(path)
+    state_dict, kind = read_checkpoint(path)
+    if config is None:
+        if model_type == "auto":
+            model_type = detect_model_type(state_dict, path)
+        config = get_config(model_type)
+    elif model_type == "auto":
+        model_type = "custom"
+    variables = convert_state_dict(state_dict, config, path)
+    save_converted(variables, config, out_dir, overwrite=overwrite,
+                   metadata={"model_type": model_type,
+                             "source": f"{kind}:{os.path.basename(path)}"})
+    return config

@@ -31,17 +31,10 @@ import sys
 import time
 from typing import Optional, Sequence, Tuple
 
-PROG = "sam-jax"
-MODEL_TYPE_CHOICES = ("auto", "vit_b", "vit_l", "vit_h", "tiny")
+from .cli_common import (MODEL_TYPE_CHOICES, PROG, CliError, info, load_model,
+                         resolve_checkpoint)
+
 _MAX_DETAIL_LINES = 12
-
-
-class CliError(Exception):
-    """A failure to report as one `sam-jax: error:` line; `status` is the exit code."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,11 +45,6 @@ class _Parser(argparse.ArgumentParser):
         where = self.prog[len(PROG):].strip()
         hint = f" (see '{self.prog} --help')"
         raise CliError(f"{where + ': ' if where else ''}{message}{hint}", status=2)
-
-
-def _info(args, message: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _number(text: str, what: str, spec: str) -> float:
@@ -164,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_convert(args) -> int:
     from .checkpoint import CheckpointError, read_config
-    from .convert import convert_checkpoint
+    from .checkpoint import convert_checkpoint
 
     if not os.path.isfile(args.checkpoint):
         what = "is a directory, not a checkpoint file" if os.path.isdir(args.checkpoint) \
             else "no such file"
         raise CliError(f"checkpoint {args.checkpoint}: {what}")
-    _info(args, f"reading {args.checkpoint}")
+    info(args, f"reading {args.checkpoint}")
     start = time.perf_counter()
     try:
         config = convert_checkpoint(args.checkpoint, args.out_dir, model_type=args.model_type,
@@ -214,37 +202,6 @@ def _check_prompt_inside(points, box, width: int, height: int) -> None:
                        status=2)
 
 
-def _resolve_checkpoint(args) -> str:
-    """--checkpoint, or the bundled default model when none is given."""
-    from . import DEFAULT_CHECKPOINT
-
-    if args.checkpoint:
-        return args.checkpoint
-    if not os.path.isdir(DEFAULT_CHECKPOINT):
-        raise CliError("no --checkpoint given and the bundled default model is missing from "
-                       f"this install ({DEFAULT_CHECKPOINT}); pass --checkpoint PATH")
-    _info(args, "no --checkpoint: using the bundled mini model (trained here on DAVIS-2016 at "
-          "256 px; convert an official checkpoint for SAM's quality)")
-    args.checkpoint = DEFAULT_CHECKPOINT
-    return DEFAULT_CHECKPOINT
-
-
-def _load_model(args):
-    from . import load
-    from .checkpoint import CheckpointError
-
-    path = _resolve_checkpoint(args)
-    if not os.path.exists(path):
-        raise CliError(f"checkpoint {path}: no such file or directory")
-    _info(args, f"loading checkpoint {path}")
-    try:
-        return load(path, model_type=args.model_type)
-    except CheckpointError as e:
-        raise CliError(str(e)) from None
-    except (OSError, ValueError) as e:  # e.g. an Orbax directory with damaged files
-        raise CliError(f"checkpoint {path}: cannot load ({type(e).__name__}: {e})") from None
-
-
 def _model_name(config) -> str:
     """The preset a config equals ("vit_b", ..., "tiny"), else "custom"."""
     from .configs import get_config
@@ -265,7 +222,7 @@ def run_segment(args) -> int:
         raise CliError("segment: give at least one --point X,Y[,LABEL] or a --box "
                        "X0,Y0,X1,Y1 (see 'sam-jax segment --help')", status=2)
     mask_path, overlay_path, json_path = _output_paths(args.output)
-    if not os.path.exists(_resolve_checkpoint(args)):  # fail before the image is decoded
+    if not os.path.exists(resolve_checkpoint(args)):  # fail before the image is decoded
         raise CliError(f"checkpoint {args.checkpoint}: no such file or directory")
 
     try:
@@ -277,9 +234,9 @@ def run_segment(args) -> int:
         print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
     _check_prompt_inside(args.point, args.box, width, height)
 
-    model = _load_model(args)
+    model = load_model(args)
     predictor = SamPredictor(model)
-    _info(args, f"embedding the {width}x{height} image")
+    info(args, f"embedding the {width}x{height} image")
     start = time.perf_counter()
     predictor.set_image(image)
     points = np.asarray([[x, y] for x, y, _ in args.point], np.float64) if args.point else None
@@ -290,7 +247,7 @@ def run_segment(args) -> int:
                                              multimask_output=args.multimask)
     except ValueError as e:  # the predictor's own prompt checks (not expected after ours)
         raise CliError(f"bad prompt: {e}", status=2) from None
-    _info(args, f"predicted {len(scores)} mask(s) in {time.perf_counter() - start:.1f} s")
+    info(args, f"predicted {len(scores)} mask(s) in {time.perf_counter() - start:.1f} s")
     chosen = int(np.argmax(scores))
     mask = masks[chosen]
 

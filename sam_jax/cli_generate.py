@@ -91,7 +91,7 @@ def run_generate(args) -> int:
     from tqdm import tqdm
 
     from .automatic_mask_generator import SamAutomaticMaskGenerator
-    from .cli import CliError, _info, _load_model
+    from .cli_common import CliError, info, load_model
     from .sa1b import remove_stale_temporaries, to_sa1b, write_json_atomic
     from .utils.image_io import ImageError, load_image
 
@@ -103,12 +103,12 @@ def run_generate(args) -> int:
     remove_stale_temporaries(args.output)  # from a run that was killed mid-write
     todo = [p for p in images if not _done(_json_path(args.output, p))]
     if len(todo) < len(images):
-        _info(args, f"{len(images) - len(todo)} of {len(images)} images already done "
+        info(args, f"{len(images) - len(todo)} of {len(images)} images already done "
               f"(their JSON exists in {args.output}); skipping them")
     if not todo:
         print(f"nothing to do: all {len(images)} images have their JSON in {args.output}")
         return 0
-    model = _load_model(args)
+    model = load_model(args)
     if args.compute_dtype != model.config.compute_dtype:
         from .inference import SamModel
         model = SamModel(model.config.replace(compute_dtype=args.compute_dtype), model.variables)

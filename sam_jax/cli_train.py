@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from .cli import CliError
+    from .cli_common import CliError
 
     try:
         from .training.config import load_config

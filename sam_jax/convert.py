@@ -29,7 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .configs import MODEL_TYPES, SamConfig, get_config
+from .configs import MODEL_TYPES, SamConfig
 from .utils.torch_pickle import CheckpointError, load_pth, tensor_items
 
 StateDict = Dict[str, np.ndarray]
@@ -297,25 +297,3 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[StateDict, str]:
     if is_hf_layout(state_dict):
         return hf_to_official(state_dict, path), f"{fmt}:hf"
     return state_dict, f"{fmt}:official"
-
-
-def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
-                       model_type: str = "auto", config: Optional[SamConfig] = None,
-                       overwrite: bool = False) -> SamConfig:
-    """Reads a torch/safetensors checkpoint and writes `out_dir` (config.json + Orbax
-    variables). The model is `config` if given, else `model_type` ("auto" detects it)."""
-    from .checkpoint import save_converted  # checkpoint.py imports this module
-
-    path = os.fspath(path)
-    state_dict, kind = read_checkpoint(path)
-    if config is None:
-        if model_type == "auto":
-            model_type = detect_model_type(state_dict, path)
-        config = get_config(model_type)
-    elif model_type == "auto":
-        model_type = "custom"
-    variables = convert_state_dict(state_dict, config, path)
-    save_converted(variables, config, out_dir, overwrite=overwrite,
-                   metadata={"model_type": model_type,
-                             "source": f"{kind}:{os.path.basename(path)}"})
-    return config

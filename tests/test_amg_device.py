@@ -3,7 +3,6 @@ on this CPU gives the CPU plan's records exactly, and each crop size compiles th
 functions once."""
 
 import jax
-import numpy as np
 import pytest
 
 from conftest import load_truck

@@ -19,8 +19,9 @@ import pytest
 
 from sam_jax import configs
 from sam_jax.checkpoint import CheckpointError, load_converted, load_variables, save_converted
-from sam_jax.convert import (convert_checkpoint, convert_state_dict, detect_model_type,
-                             hf_to_official, read_checkpoint, torch_layout)
+from sam_jax.checkpoint import convert_checkpoint
+from sam_jax.convert import (convert_state_dict, detect_model_type, hf_to_official,
+                             read_checkpoint, torch_layout)
 from sam_jax.utils.torch_pickle import load_pth
 
 torch = pytest.importorskip("torch")

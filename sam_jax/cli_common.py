@@ -1,0 +1,57 @@
+"""What every `sam-jax` subcommand shares: the program name, the error type reported as one
+line, progress messages, and loading the model a command runs on. The subcommand modules
+(`cli`, `cli_generate`, `cli_train`) import this; none imports another."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PROG = "sam-jax"
+MODEL_TYPE_CHOICES = ("auto", "vit_b", "vit_l", "vit_h", "tiny")
+
+
+class CliError(Exception):
+    """A failure to report as one `sam-jax: error:` line; `status` is the exit code."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def info(args, message: str) -> None:
+    """A progress line on stderr, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(args) -> str:
+    """--checkpoint, or the bundled default model when none is given."""
+    from . import DEFAULT_CHECKPOINT
+
+    if args.checkpoint:
+        return args.checkpoint
+    if not os.path.isdir(DEFAULT_CHECKPOINT):
+        raise CliError("no --checkpoint given and the bundled default model is missing from "
+                       f"this install ({DEFAULT_CHECKPOINT}); pass --checkpoint PATH")
+    info(args, "no --checkpoint: using the bundled mini model (trained here on DAVIS-2016 at "
+         "256 px; convert an official checkpoint for SAM's quality)")
+    args.checkpoint = DEFAULT_CHECKPOINT
+    return DEFAULT_CHECKPOINT
+
+
+def load_model(args):
+    """The model of --checkpoint / --model-type, with load failures as CliErrors."""
+    from . import load
+    from .checkpoint import CheckpointError
+
+    path = resolve_checkpoint(args)
+    if not os.path.exists(path):
+        raise CliError(f"checkpoint {path}: no such file or directory")
+    info(args, f"loading checkpoint {path}")
+    try:
+        return load(path, model_type=args.model_type)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    except (OSError, ValueError) as e:  # e.g. an Orbax directory with damaged files
+        raise CliError(f"checkpoint {path}: cannot load ({type(e).__name__}: {e})") from None
