@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .configs import SamConfig, get_config
+from .quantize import SCALES, dequantize_variables, saved_abstract
 from .utils.torch_pickle import CheckpointError
 
 __all__ = ["CheckpointError", "save_converted", "load_converted", "load_variables"]
@@ -99,6 +100,9 @@ def load_converted(ckpt_dir: str | os.PathLike,
             saved = checkpointer.metadata(var_dir).item_metadata.tree
         except (OSError, ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"{var_dir}: not a readable Orbax checkpoint ({e})")
+        quantized = isinstance(saved, dict) and SCALES in saved
+        if quantized:  # int8 kernels with per-channel scales (sam_jax/quantize.py)
+            abstract = saved_abstract(abstract, saved[SCALES])
         want, got = _flat_shapes(abstract), _flat_shapes(saved)
         problems = ([f"missing: {k}" for k in want if k not in got]
                     + [f"unused: {k}" for k in got if k not in want]
@@ -111,6 +115,8 @@ def load_converted(ckpt_dir: str | os.PathLike,
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                               abstract)
         variables = checkpointer.restore(var_dir, target)
+    if quantized:
+        variables = dequantize_variables(variables)
     return config, variables
 
 

