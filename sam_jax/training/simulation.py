@@ -17,8 +17,9 @@ slots 2-9 fill with the clicks in order; unused slots are PAD_LABEL, which the m
 of attention. A box with clicks therefore has no pad token and points alone have one, exactly
 the token sets the official prompt encoder builds for those prompts.
 
-Sampling works on the decoder's low-res grid (stride 4 over the padded input): a pixel is drawn,
-then a position uniformly inside its 4x4 cell. Clicks are drawn only inside the image (not in
+Sampling works on the decoder's low-res grid (`cell` input pixels per cell over the padded
+input: 4 for SAM's ViT, 3.5 for a patch-14 backbone): a cell is drawn, then a position uniformly
+inside it. Clicks are drawn only inside the image (not in
 the zero padding); a prompt with no error left gets no click that round.
 """
 
@@ -45,33 +46,33 @@ class Prompts(NamedTuple):
     num_clicks: jax.Array  # (P,) int32
 
 
-def _image_region(input_size: jax.Array, side: int) -> jax.Array:
+def _image_region(input_size: jax.Array, side: int, cell: float = 4.0) -> jax.Array:
     """(P, 2) resized (h, w) -> (P, side, side) True on low-res cells that touch the image
-    (each cell covers 4x4 input pixels)."""
+    (each cell covers cell x cell input pixels)."""
     rows = jnp.arange(side)[None, :, None]
     cols = jnp.arange(side)[None, None, :]
-    return ((4 * rows < input_size[:, 0, None, None])
-            & (4 * cols < input_size[:, 1, None, None]))
+    return ((cell * rows < input_size[:, 0, None, None])
+            & (cell * cols < input_size[:, 1, None, None]))
 
 
-def sample_pixels(key: jax.Array, where: jax.Array,
-                  input_size: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def sample_pixels(key: jax.Array, where: jax.Array, input_size: jax.Array | None = None,
+                  cell: float = 4.0) -> tuple[jax.Array, jax.Array]:
     """Uniform position inside a uniformly drawn True cell of each (side, side) map; with
     `input_size` (P, 2) (h, w), inside the part of the cell that lies in the image (a cell on
     the image's bottom/right edge can reach into the padding).
 
-    Returns (P, 2) (x, y) input-frame coordinates (4 px per cell) and (P,) whether the map had
-    any True cell at all."""
+    Returns (P, 2) (x, y) input-frame coordinates (`cell` px per cell) and (P,) whether the map
+    had any True cell at all."""
     p, side, _ = where.shape
     k_pick, k_jitter = jax.random.split(key)
     score = jax.random.uniform(k_pick, where.shape)
     flat = jnp.where(where, score, -1.0).reshape(p, side * side)
     index = jnp.argmax(flat, axis=-1)
-    corner = 4.0 * jnp.stack([index % side, index // side], axis=-1).astype(jnp.float32)
-    extent = jnp.full((p, 2), 4.0)
+    corner = cell * jnp.stack([index % side, index // side], axis=-1).astype(jnp.float32)
+    extent = jnp.full((p, 2), cell)
     if input_size is not None:
         limit = jnp.stack([input_size[:, 1], input_size[:, 0]], axis=-1).astype(jnp.float32)
-        extent = jnp.clip(limit - corner, 0.0, 4.0)
+        extent = jnp.clip(limit - corner, 0.0, cell)
     # the jitter is < 1 and the product is rounded down, so a point never reaches the far edge
     jitter = jax.random.uniform(k_jitter, (p, 2), maxval=1.0 - 2.0 ** -12)
     return corner + jitter * extent, where.reshape(p, -1).any(axis=-1)
@@ -93,14 +94,15 @@ def noisy_boxes(key: jax.Array, boxes: jax.Array, input_size: jax.Array) -> jax.
     return jnp.stack([x0, y0, x1, y1], axis=-1)
 
 
-def first_prompts(key: jax.Array, gt: jax.Array, boxes: jax.Array, input_size: jax.Array):
+def first_prompts(key: jax.Array, gt: jax.Array, boxes: jax.Array, input_size: jax.Array,
+                  cell: float = 4.0):
     """Round 0: a point in the mask or a noisy box, each with probability 1/2.
 
     Returns (Prompts, use_box (P,) bool)."""
     p = gt.shape[0]
     k_choice, k_point, k_box = jax.random.split(key, 3)
     use_box = jax.random.bernoulli(k_choice, 0.5, (p,))
-    point, _ = sample_pixels(k_point, gt, input_size)
+    point, _ = sample_pixels(k_point, gt, input_size, cell)
     box = noisy_boxes(k_box, boxes, input_size).reshape(p, 2, 2)
     first_two = jnp.where(use_box[:, None, None], box,
                           jnp.stack([point, jnp.zeros_like(point)], axis=1))
@@ -112,13 +114,13 @@ def first_prompts(key: jax.Array, gt: jax.Array, boxes: jax.Array, input_size: j
 
 def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array,
               inside: jax.Array, enabled: jax.Array | bool,
-              input_size: jax.Array | None = None) -> Prompts:
+              input_size: jax.Array | None = None, cell: float = 4.0) -> Prompts:
     """One click from the error region of `logits` (P, side, side), labelled by the truth."""
     error = ((logits > 0) != gt) & inside
-    xy, any_error = sample_pixels(key, error, input_size)
+    xy, any_error = sample_pixels(key, error, input_size, cell)
     # the label is the ground truth under the chosen cell: a miss gives a positive click
-    cell = jnp.clip((xy / 4.0).astype(jnp.int32), 0, gt.shape[-1] - 1)
-    label = gt[jnp.arange(gt.shape[0]), cell[:, 1], cell[:, 0]].astype(jnp.int32)
+    at = jnp.clip((xy / cell).astype(jnp.int32), 0, gt.shape[-1] - 1)
+    label = gt[jnp.arange(gt.shape[0]), at[:, 1], at[:, 0]].astype(jnp.int32)
     add = any_error & enabled & (prompts.num_clicks < NUM_CLICK_ROUNDS)
     slot = 2 + jnp.minimum(prompts.num_clicks, NUM_CLICK_ROUNDS - 1)
     rows = jnp.arange(gt.shape[0])
@@ -129,10 +131,11 @@ def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array
     return Prompts(coords, labels, prompts.num_clicks + add.astype(jnp.int32))
 
 
-def click_schedule(key: jax.Array) -> jax.Array:
-    """(NUM_ROUNDS - 1,) bool for rounds 1..10: whether the round adds a click. The 2 rounds
-    without one are the last and one drawn uniformly among the 9 places around the 8 clicks."""
-    rounds = NUM_ROUNDS - 1
+def click_schedule(key: jax.Array, click_rounds: int = NUM_CLICK_ROUNDS) -> jax.Array:
+    """(click_rounds + 2,) bool for rounds 1..10 (the paper's 8 clicks): whether the round adds
+    a click. The 2 rounds without one are the last and one drawn uniformly among the
+    click_rounds + 1 places around the clicks."""
+    rounds = click_rounds + 2
     quiet = jax.random.randint(key, (), 0, rounds - 1)
     steps = jnp.arange(rounds)
     return (steps != quiet) & (steps != rounds - 1)
@@ -162,18 +165,23 @@ class SimulationOutput(NamedTuple):
 
 def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: jax.Array,
              valid: jax.Array, input_size: jax.Array, *, remat_rounds: bool = True,
-             loss_kwargs: dict | None = None) -> SimulationOutput:
-    """Runs the 11 rounds and returns the mean loss over rounds and valid prompts.
+             loss_kwargs: dict | None = None, cell: float = 4.0,
+             click_rounds: int = NUM_CLICK_ROUNDS) -> SimulationOutput:
+    """Runs the 11 rounds (1 + click_rounds + 2 with fewer clicks, to spend a small compute
+    budget on more masks) and returns the mean loss over rounds and valid prompts.
 
     decode(coords, labels, mask_logits or None) -> (masks (P, 4, side, side), iou (P, 4)) closes
     over the image embeddings and parameters (gradients flow through it); gt (P, side, side)
-    bool; boxes (P, 4) XYXY input frame; valid (P,) bool; input_size (P, 2) resized (h, w).
+    bool; boxes (P, 4) XYXY input frame; valid (P,) bool; input_size (P, 2) resized (h, w);
+    cell: input pixels per low-res cell (`SamConfig.low_res_stride`).
     """
+    if not 1 <= click_rounds <= NUM_CLICK_ROUNDS:
+        raise ValueError(f"click_rounds must be in 1..{NUM_CLICK_ROUNDS}, got {click_rounds}")
     loss_kwargs = loss_kwargs or {}
     side = gt.shape[-1]
-    inside = _image_region(input_size, side)
+    inside = _image_region(input_size, side, cell)
     k_first, k_sched, k_clicks = jax.random.split(key, 3)
-    prompts, use_box = first_prompts(k_first, gt, boxes, input_size)
+    prompts, use_box = first_prompts(k_first, gt, boxes, input_size, cell)
 
     masks, iou = decode(prompts.coords, prompts.labels, None)
     cand_m, cand_i = select_outputs(masks, iou, ~use_box)
@@ -184,7 +192,7 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
     def one_round(carry, xs):
         prompts, prev = carry
         adds, k = xs
-        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size)
+        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size, cell)
         masks, iou = decode(prompts.coords, prompts.labels, prev)
         cand_m, cand_i = masks[:, :1], iou[:, :1]  # later rounds: the single output
         loss, metrics = sam_loss(cand_m, cand_i, gt, valid, **loss_kwargs)
@@ -192,14 +200,15 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
         return (prompts, prev), (loss, metrics)
 
     body = jax.checkpoint(one_round) if remat_rounds else one_round
-    schedule = click_schedule(k_sched)
-    keys = jax.random.split(k_clicks, NUM_ROUNDS - 1)
+    schedule = click_schedule(k_sched, click_rounds)
+    keys = jax.random.split(k_clicks, click_rounds + 2)
     (prompts, prev), (losses, metrics) = jax.lax.scan(body, (prompts, prev), (schedule, keys))
 
-    loss = (loss0 + losses.sum()) / NUM_ROUNDS
+    num_rounds = click_rounds + 3
+    loss = (loss0 + losses.sum()) / num_rounds
     final_iou = mask_iou(prev, gt)
     count = jnp.maximum(valid.sum(), 1)
-    out = {k: (metrics0[k] + metrics[k].sum()) / NUM_ROUNDS for k in metrics0}
+    out = {k: (metrics0[k] + metrics[k].sum()) / num_rounds for k in metrics0}
     out.update(loss=loss, iou_first_round=first_iou,
                iou_last_round=jnp.where(valid, final_iou, 0.0).sum() / count,
                clicks=jnp.where(valid, prompts.num_clicks, 0).sum() / count)

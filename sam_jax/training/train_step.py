@@ -29,6 +29,8 @@ from .simulation import simulate
 
 FSDP_MIN_SIZE = 2 ** 14
 BATCH_KEYS = ("image", "input_size", "masks", "boxes", "mask_valid")
+# A frozen-backbone batch carries the backbone's cached features instead of the image.
+FEATURE_BATCH_KEYS = ("features", "input_size", "masks", "boxes", "mask_valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,9 @@ class StepConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     supervise_all_iou: bool = True
+    # Corrective clicks per simulated interaction: the paper's 8 (11 decoder rounds in all);
+    # fewer spends a small compute budget on more masks.
+    click_rounds: int = 8
 
 
 def normalize_images(model_config: SamConfig, images: jax.Array,
@@ -60,16 +65,21 @@ def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
                      step_config: StepConfig, train_encoder: bool = True):
     """The step's loss: encode each image once, then the interactive simulation for every mask.
 
-    batch: image (B, S, S, 3) uint8, input_size (B, 2), masks (B, N, S/4, S/4) bool,
-    boxes (B, N, 4), mask_valid (B, N)."""
+    batch: image (B, S, S, 3) uint8 (or, for a frozen pretrained backbone, its cached
+    `features` (B, g, g, C), of which only the neck is applied), input_size (B, 2),
+    masks (B, N, L, L) bool with L = `model_config.low_res_size`, boxes (B, N, 4),
+    mask_valid (B, N)."""
     model = Sam(model_config)
     variables = {"params": params, "buffers": buffers}
     k_drop, k_sim = jax.random.split(key)
-    pixels = normalize_images(model_config, batch["image"], batch["input_size"])
-    embeddings = model.apply(variables, pixels, not train_encoder, method="embed_image",
-                             rngs={"dropout": k_drop})
-    if not train_encoder:
-        embeddings = jax.lax.stop_gradient(embeddings)
+    if "features" in batch:
+        embeddings = model.apply(variables, batch["features"], method="embed_features")
+    else:
+        pixels = normalize_images(model_config, batch["image"], batch["input_size"])
+        embeddings = model.apply(variables, pixels, not train_encoder, method="embed_image",
+                                 rngs={"dropout": k_drop})
+        if not train_encoder:
+            embeddings = jax.lax.stop_gradient(embeddings)
     b, n = batch["mask_valid"].shape
     image = jnp.repeat(embeddings, n, axis=0)  # prompt i reads image i // n
     flat = lambda x: x.reshape((b * n,) + x.shape[2:])  # noqa: E731
@@ -88,7 +98,8 @@ def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
                        supervise_all_iou=step_config.supervise_all_iou)
     out = simulate(decode, k_sim, flat(batch["masks"]), flat(batch["boxes"]),
                    flat(batch["mask_valid"]), jnp.repeat(batch["input_size"], n, axis=0),
-                   remat_rounds=step_config.remat_rounds, loss_kwargs=loss_kwargs)
+                   remat_rounds=step_config.remat_rounds, loss_kwargs=loss_kwargs,
+                   cell=model_config.low_res_stride, click_rounds=step_config.click_rounds)
     return out.loss, out.metrics
 
 
@@ -143,15 +154,16 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
     return jax.tree.map(sharding, abstract_state)
 
 
-def batch_shardings(mesh: Mesh) -> dict:
-    return {k: NamedSharding(mesh, P("data")) for k in BATCH_KEYS}
+def batch_shardings(mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS) -> dict:
+    return {k: NamedSharding(mesh, P("data")) for k in keys}
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """This host's rows -> one global array per key, split over `data` (multi-host safe)."""
-    shardings = batch_shardings(mesh)
+    keys = FEATURE_BATCH_KEYS if "features" in local_batch else BATCH_KEYS
+    shardings = batch_shardings(mesh, keys)
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local_batch[k]))
-            for k in BATCH_KEYS}
+            for k in keys}
 
 
 @dataclasses.dataclass
@@ -167,7 +179,8 @@ class CompiledStep:
 def compile_train_step(model_config: SamConfig, optim_config: OptimConfig,
                        step_config: StepConfig, params_shape: Any, buffers_shape: Any,
                        mesh: Mesh, *, fsdp: bool = False,
-                       optimizer: optax.GradientTransformation | None = None) -> CompiledStep:
+                       optimizer: optax.GradientTransformation | None = None,
+                       batch_keys: tuple[str, ...] = BATCH_KEYS) -> CompiledStep:
     """jit with in/out shardings on `mesh`, the state donated."""
     optimizer = optimizer or make_optimizer(optim_config, params_shape)
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer), params_shape)
@@ -175,7 +188,7 @@ def compile_train_step(model_config: SamConfig, optim_config: OptimConfig,
     buffers_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), buffers_shape)
     replicated = NamedSharding(mesh, P())
     fn = make_train_step(model_config, optim_config, step_config, optimizer)
-    step = jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh), buffers_sh),
+    step = jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh, batch_keys), buffers_sh),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
     return CompiledStep(step, state_sh, buffers_sh, mesh)
 
