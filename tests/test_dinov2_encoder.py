@@ -18,6 +18,7 @@ from sam_jax import configs
 from sam_jax.checkpoint import CheckpointError
 from sam_jax.modeling import Sam
 from sam_jax.modeling.dinov2_encoder import bicubic_resize_matrix
+from random_weights import random_variables  # noqa: E402
 
 from conftest import load_truck
 
@@ -227,18 +228,6 @@ def test_import_rejects_a_file_that_is_not_onnx(tmp_path):
 # A random dinov2_s model through the public API; config round trips
 
 
-def random_variables(cfg, seed=0):
-    """Random variables of the model's exact tree, drawn on the host (`init_variables` would
-    trace and compile the whole 448 px model once more, ~20 s on a small CPU): N(0, 0.02)
-    weights, layer-norm scales and layer scales near 1."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        base = 1.0 if name in ("scale", "lambda1") else 0.0
-        return jnp.asarray(base + 0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, sam_jax.abstract_variables(cfg))
 
 
 @pytest.fixture(scope="module")

