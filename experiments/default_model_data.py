@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from sam_jax import configs
-    from sam_jax.convert_dinov2 import import_dinov2_backbone
+    from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
     from sam_jax.modeling import Sam
 
     cfg = configs.dinov2_s()

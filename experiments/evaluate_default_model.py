@@ -71,7 +71,7 @@ class CosineBaseline:
         import jax
 
         from sam_jax import configs
-        from sam_jax.convert_dinov2 import import_dinov2_backbone
+        from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
         from sam_jax.modeling import Sam
         from sam_jax.utils.transforms import ResizeLongestSide
 

@@ -163,9 +163,9 @@ def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | Non
            quantized: bool = True) -> int:
     import jax
 
-    from sam_jax.checkpoint import save_converted
-    from sam_jax.convert_dinov2 import import_dinov2_backbone
-    from sam_jax.quantize import BACKBONE_KERNELS, quantize_variables
+    from sam_jax.checkpoints import save_converted
+    from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
+    from sam_jax.checkpoints.quantize import BACKBONE_KERNELS, quantize_variables
 
     trained = jax.device_get(trained)
     params = dict(trained)

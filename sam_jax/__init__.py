@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from .build_sam import abstract_variables, build_sam, init_variables
-from .checkpoint import CheckpointError
+from .checkpoints import CheckpointError
 from .configs import SamConfig, get_config, tiny, vit_b, vit_h, vit_l
 from .inference import SamModel
 from .automatic_mask_generator import SamAutomaticMaskGenerator
@@ -33,7 +33,7 @@ def load(path: str | os.PathLike | None = None, model_type: str = "auto",
     """Loads an official .pth, a Hugging Face SamModel .safetensors (or its folder), or a
     directory written by `sam-jax convert`. Never executes code from the file. With no path,
     the bundled default model (`DEFAULT_CHECKPOINT`)."""
-    from .checkpoint import load_variables
+    from .checkpoints import load_variables
 
     if path is None:
         path = DEFAULT_CHECKPOINT

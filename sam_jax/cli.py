@@ -151,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- convert ---------------------------------------------------------------------------
 
 def run_convert(args) -> int:
-    from .checkpoint import CheckpointError, read_config
-    from .checkpoint import convert_checkpoint
+    from .checkpoints import CheckpointError, convert_checkpoint, read_config
 
     if not os.path.isfile(args.checkpoint):
         what = "is a directory, not a checkpoint file" if os.path.isdir(args.checkpoint) \

@@ -43,7 +43,7 @@ def resolve_checkpoint(args) -> str:
 def load_model(args):
     """The model of --checkpoint / --model-type, with load failures as CliErrors."""
     from . import load
-    from .checkpoint import CheckpointError
+    from .checkpoints import CheckpointError
 
     path = resolve_checkpoint(args)
     if not os.path.exists(path):

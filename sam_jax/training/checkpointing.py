@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..utils.torch_pickle import CheckpointError
+from ..checkpoints import CheckpointError
 
 __all__ = ["CheckpointError", "PreemptionWatcher", "TrainCheckpointer"]
 

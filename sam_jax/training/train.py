@@ -73,7 +73,7 @@ def _prepare_data_here(cfg: TrainConfig):
 
 def _initial_variables(cfg: TrainConfig):
     if cfg.init_from:
-        from ..checkpoint import load_variables
+        from ..checkpoints import load_variables
 
         config, variables = load_variables(cfg.init_from, config=None)
         if jax.tree.map(np.shape, variables["params"]) != jax.tree.map(
@@ -301,7 +301,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
 def export_inference(cfg: TrainConfig, params, buffers) -> str:
     """Writes the trained variables as a converted checkpoint (`sam_jax.load` reads it).
     Multi-process: every process calls it (the parameters are gathered), process 0 writes."""
-    from ..checkpoint import save_converted
+    from ..checkpoints import save_converted
 
     out = cfg.export_dir or os.path.join(cfg.workdir, "final")
     # training-only switches off: the exported config equals the inference preset

@@ -24,10 +24,7 @@ from typing import Any, Dict, Tuple
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model. The message names the file
-    (where known) and every offending key."""
+from .errors import CheckpointError
 
 
 # torch storage class name -> numpy dtype. Keys are the names torch.save writes.

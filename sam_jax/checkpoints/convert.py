@@ -15,22 +15,22 @@ torch key of every Flax leaf follows from its path; only the leaf name and the a
 Conversion is strict: a missing, unused or mis-shaped key raises `CheckpointError` listing every
 offender; nothing is ever left at its random initialization.
 
+Reading the files is `pth.py` and `safetensors_file.py`; `sam_jax.checkpoints.read_checkpoint`
+puts them together with the Hugging Face renaming below.
+
 Usage: `sam-jax convert sam_vit_b_01ec64.pth out_dir [--model-type vit_b]`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
-import ml_dtypes
 import numpy as np
 
-from .configs import MODEL_TYPES, SamConfig
-from .utils.torch_pickle import CheckpointError, load_pth, tensor_items
+from ..configs import MODEL_TYPES, SamConfig
+from .errors import CheckpointError
 
 StateDict = Dict[str, np.ndarray]
 
@@ -77,7 +77,7 @@ def torch_layout(abstract: Mapping[str, Any]) -> Dict[str, _Slot]:
 
 
 def _abstract_variables(config: SamConfig):
-    from .build_sam import abstract_variables  # the model code is only needed from here on
+    from ..build_sam import abstract_variables  # the model code is only needed from here on
     return abstract_variables(config)
 
 
@@ -233,67 +233,3 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray], source: str = "state di
         raise CheckpointError(f"{source}: Hugging Face keys with no official counterpart:"
                               + _list("unknown keys", unknown))
     return out
-
-
-# ---- files ---------------------------------------------------------------------------------
-
-def _unwrap(obj: Any, source: str) -> Any:
-    """Training scripts often save {"model": state_dict} or {"state_dict": ...}."""
-    if isinstance(obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-    return obj
-
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _load_safetensors(path: str) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    try:
-        return load_file(path)
-    except TypeError:  # numpy has no bfloat16; the library refuses such files: parse them here
-        pass
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})")
-    # Layout: u64 little-endian header length, JSON header {name: {dtype, shape,
-    # data_offsets}}, then the tensor bytes. The library has already validated the header.
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        data = f.read()
-    header.pop("__metadata__", None)
-    out = {}
-    for key, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: {key} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        out[key] = np.frombuffer(data[begin:end], _SAFETENSORS_DTYPES[info["dtype"]]).reshape(
-            info["shape"])
-    return out
-
-
-def read_checkpoint(path: str | os.PathLike) -> Tuple[StateDict, str]:
-    """Reads `.pth`/`.pt` (torch zip, read without torch) or `.safetensors` into an
-    official-layout state dict of numpy arrays. Returns it and a source kind such as
-    "pth:official" or "safetensors:hf"."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".pth", ".pt", ".bin"):
-        fmt, obj = "pth", _unwrap(load_pth(path), path)
-    elif ext == ".safetensors":
-        fmt, obj = "safetensors", _load_safetensors(path)
-    else:
-        raise CheckpointError(f"{path}: unknown checkpoint extension {ext!r}; expected .pth, "
-                              ".pt, .bin or .safetensors")
-    state_dict = dict(tensor_items(obj, path))
-    if not state_dict:
-        raise CheckpointError(f"{path}: empty state dict")
-    if is_hf_layout(state_dict):
-        return hf_to_official(state_dict, path), f"{fmt}:hf"
-    return state_dict, f"{fmt}:official"
