@@ -1,4 +1,4 @@
-"""`python -m sam_jax ...` is the `sam-jax` command line (see sam_jax/cli.py)."""
+"""`python -m sam_jax ...` is the `sam-jax` command line (see sam_jax/cli/)."""
 
 import sys
 

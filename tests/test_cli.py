@@ -1,4 +1,4 @@
-"""Tests for the `sam-jax` command line (sam_jax/cli.py) and sam_jax/utils/image_io.py.
+"""Tests for the `sam-jax` command line (sam_jax/cli/) and sam_jax/utils/image_io.py.
 
 End to end: a tiny official-architecture model with seeded weights is written with
 `torch.save`, converted with `sam-jax convert` and used by `sam-jax segment` in a subprocess;

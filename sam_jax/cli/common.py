@@ -1,6 +1,6 @@
 """What every `sam-jax` subcommand shares: the program name, the error type reported as one
 line, progress messages, and loading the model a command runs on. The subcommand modules
-(`cli`, `cli_generate`, `cli_train`) import this; none imports another."""
+(`convert`, `segment`, `generate`, `train`) import this; none imports another."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def info(args, message: str) -> None:
 
 def resolve_checkpoint(args) -> str:
     """--checkpoint, or the bundled default model when none is given."""
-    from . import DEFAULT_CHECKPOINT
+    from .. import DEFAULT_CHECKPOINT  # looked up per call: tests replace it
 
     if args.checkpoint:
         return args.checkpoint
@@ -42,8 +42,8 @@ def resolve_checkpoint(args) -> str:
 
 def load_model(args):
     """The model of --checkpoint / --model-type, with load failures as CliErrors."""
-    from . import load
-    from .checkpoints import CheckpointError
+    from .. import load
+    from ..checkpoints import CheckpointError
 
     path = resolve_checkpoint(args)
     if not os.path.exists(path):

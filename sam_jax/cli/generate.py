@@ -17,10 +17,12 @@ import sys
 import time
 from typing import List
 
+from .common import MODEL_TYPE_CHOICES, CliError, info, load_model
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def add_parser(sub, model_type_choices) -> None:
+def add_parser(sub) -> None:
     gen = sub.add_parser(
         "generate", help="automatic masks for images or folders, as SA-1B JSON files",
         description="Run the automatic mask generator (a grid of point prompts, filtered by "
@@ -32,7 +34,7 @@ def add_parser(sub, model_type_choices) -> None:
     gen.add_argument("--checkpoint", metavar="PATH",
                      help="official .pth, HF .safetensors, or a `sam-jax convert` directory "
                      "(default: the small model bundled with sam-jax)")
-    gen.add_argument("--model-type", default="auto", choices=model_type_choices)
+    gen.add_argument("--model-type", default="auto", choices=MODEL_TYPE_CHOICES)
     gen.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
                      help="folder for the JSON files (created if needed)")
     gen.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -77,7 +79,7 @@ def collect_images(inputs: List[str], error) -> List[str]:
 
 
 def _done(json_path: str) -> bool:
-    from .sa1b import SA1BFormatError, read_sa1b
+    from ..sa1b import SA1BFormatError, read_sa1b
     if not os.path.exists(json_path):
         return False
     try:
@@ -90,10 +92,9 @@ def _done(json_path: str) -> bool:
 def run_generate(args) -> int:
     from tqdm import tqdm
 
-    from .automatic_mask_generator import SamAutomaticMaskGenerator
-    from .cli_common import CliError, info, load_model
-    from .sa1b import remove_stale_temporaries, to_sa1b, write_json_atomic
-    from .utils.image_io import ImageError, load_image
+    from ..automatic_mask_generator import SamAutomaticMaskGenerator
+    from ..sa1b import remove_stale_temporaries, to_sa1b, write_json_atomic
+    from ..utils.image_io import ImageError, load_image
 
     images = collect_images(args.inputs, CliError)
     try:
@@ -110,7 +111,7 @@ def run_generate(args) -> int:
         return 0
     model = load_model(args)
     if args.compute_dtype != model.config.compute_dtype:
-        from .inference import SamModel
+        from ..inference import SamModel
         model = SamModel(model.config.replace(compute_dtype=args.compute_dtype), model.variables)
     options = {name: getattr(args, name) for name in args.generator_options}
     try:
@@ -155,7 +156,7 @@ def _draw(image, records, path: str) -> None:
     import numpy as np
     from PIL import Image
 
-    from .utils import amg
+    from ..utils import amg
 
     canvas = image.astype(np.float32)
     rng = np.random.default_rng(0)

@@ -1,25 +1,5 @@
-"""The `sam-jax` command line (no counterpart in the official repository, whose
-`scripts/amg.py` only runs the automatic mask generator).
-
-  sam-jax convert CHECKPOINT OUT_DIR [--model-type auto|vit_b|vit_l|vit_h|tiny] [--overwrite]
-  sam-jax segment IMAGE [--checkpoint PATH] [--point X,Y[,LABEL]]... [--box X0,Y0,X1,Y1]
-                  [--multimask] -o OUT_PREFIX
-  sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
-  sam-jax train --config CONFIG [KEY=VALUE ...]
-
-Without --checkpoint, segment and generate use the small model bundled in the package
-(sam_jax/weights/sam_mini_davis, trained by `sam-jax train` on DAVIS-2016; see README).
-
-`segment` writes OUT_PREFIX.png (the chosen mask, 0/255 grayscale), OUT_PREFIX_overlay.png
-(the mask over the image) and OUT_PREFIX.json (scores, chosen index, image size, prompt,
-checkpoint). The chosen mask is the one with the highest predicted IoU.
-
-Output streams: progress and notes go to stderr, the final summary to stdout. Every failure is
-reported as `sam-jax: error: <reason>` on stderr, never as a traceback (set SAM_JAX_DEBUG=1 to
-see one for an unexpected internal error). Exit status: 0 success, 2 a bad command line (syntax,
-a label other than 0/1, no prompt, a prompt outside the image), 1 anything else (missing or
-unreadable image or checkpoint, a checkpoint of the wrong kind, a failed write).
-"""
+"""`sam-jax segment IMAGE`: a mask from point and/or box prompts, written as OUT_PREFIX.png,
+OUT_PREFIX_overlay.png and OUT_PREFIX.json (see sam_jax/cli/__init__.py for their contents)."""
 
 from __future__ import annotations
 
@@ -29,22 +9,9 @@ import math
 import os
 import sys
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
-from .cli_common import (MODEL_TYPE_CHOICES, PROG, CliError, info, load_model,
-                         resolve_checkpoint)
-
-_MAX_DETAIL_LINES = 12
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error becomes a CliError (one line, exit 2) instead of the
-    usage block + `prog: error:` that argparse prints itself."""
-
-    def error(self, message: str):  # type: ignore[override]
-        where = self.prog[len(PROG):].strip()
-        hint = f" (see '{self.prog} --help')"
-        raise CliError(f"{where + ': ' if where else ''}{message}{hint}", status=2)
+from .common import MODEL_TYPE_CHOICES, PROG, CliError, info, load_model, resolve_checkpoint
 
 
 def _number(text: str, what: str, spec: str) -> float:
@@ -90,30 +57,7 @@ def parse_box(spec: str) -> Tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = _Parser(prog=PROG, description="Segment Anything in JAX: convert checkpoints, "
-                     "segment images from prompts, generate SA-1B annotations.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    conv = sub.add_parser(
-        "convert", help="convert an official .pth or Hugging Face .safetensors checkpoint into a "
-        "directory (config.json + Orbax variables)",
-        description="Convert an official SAM .pth (or Hugging Face SamModel .safetensors / .bin) "
-        "into a directory that `sam-jax segment --checkpoint` and sam_jax.load read quickly.")
-    conv.add_argument("checkpoint", help=".pth/.pt/.bin or .safetensors file")
-    conv.add_argument("out_dir", help="directory to write (must be absent or empty unless "
-                      "--overwrite)")
-    conv.add_argument("--model-type", default="auto", choices=MODEL_TYPE_CHOICES,
-                      help="model the weights are for (default: detect from the weights)")
-    conv.add_argument("--overwrite", action="store_true",
-                      help="replace a previous conversion in OUT_DIR")
-    conv.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
-    conv.set_defaults(run=run_convert)
-
+def add_parser(sub) -> None:
     seg = sub.add_parser(
         "segment", help="segment an image from point and/or box prompts",
         description="Predict a mask for IMAGE from point and/or box prompts (pixel "
@@ -141,43 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     seg.set_defaults(run=run_segment)
 
-    from .cli_generate import add_parser as add_generate_parser
-    add_generate_parser(sub, MODEL_TYPE_CHOICES)
-    from .cli_train import add_parser as add_train_parser
-    add_train_parser(sub)
-    return parser
-
-
-# ---- convert ---------------------------------------------------------------------------
-
-def run_convert(args) -> int:
-    from .checkpoints import CheckpointError, convert_checkpoint, read_config
-
-    if not os.path.isfile(args.checkpoint):
-        what = "is a directory, not a checkpoint file" if os.path.isdir(args.checkpoint) \
-            else "no such file"
-        raise CliError(f"checkpoint {args.checkpoint}: {what}")
-    info(args, f"reading {args.checkpoint}")
-    start = time.perf_counter()
-    try:
-        config = convert_checkpoint(args.checkpoint, args.out_dir, model_type=args.model_type,
-                                    overwrite=args.overwrite)
-        _, extra = read_config(args.out_dir)
-    except CheckpointError as e:
-        raise CliError(str(e)) from None
-    except OSError as e:
-        raise CliError(f"cannot write {args.out_dir}: {e}") from None
-    fmt, _, layout = extra.get("source", "?:?").partition(":")
-    layout = layout.split(":", 1)[0]
-    enc = config.image_encoder
-    print(f"detected: {layout} layout in a {fmt} file; model {extra.get('model_type', '?')} "
-          f"(image encoder width {enc.embed_dim}, depth {enc.depth}, input {enc.img_size} px)")
-    print(f"wrote {os.path.abspath(args.out_dir)} (config.json + variables/) in "
-          f"{time.perf_counter() - start:.1f} s")
-    return 0
-
-
-# ---- segment ---------------------------------------------------------------------------
 
 def _output_paths(prefix: str) -> Tuple[str, str, str]:
     if not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
@@ -203,7 +110,7 @@ def _check_prompt_inside(points, box, width: int, height: int) -> None:
 
 def _model_name(config) -> str:
     """The preset a config equals ("vit_b", ..., "tiny"), else "custom"."""
-    from .configs import get_config
+    from ..configs import get_config
 
     for name in MODEL_TYPE_CHOICES[1:]:
         if get_config(name) == config:
@@ -214,8 +121,8 @@ def _model_name(config) -> str:
 def run_segment(args) -> int:
     import numpy as np
 
-    from .predictor import SamPredictor
-    from .utils.image_io import ImageError, draw_overlay, load_image, save_mask_png
+    from ..predictor import SamPredictor
+    from ..utils.image_io import ImageError, draw_overlay, load_image, save_mask_png
 
     if not args.point and args.box is None:
         raise CliError("segment: give at least one --point X,Y[,LABEL] or a --box "
@@ -281,44 +188,3 @@ def run_segment(args) -> int:
     print(f"overlay: {overlay_path}")
     print(f"json: {json_path}")
     return 0
-
-
-# ---- entry point -----------------------------------------------------------------------
-
-def _report(message: str) -> None:
-    """The first line as the error; further lines (e.g. a list of checkpoint keys), capped."""
-    lines = message.strip().splitlines() or ["unknown error"]
-    print(f"{PROG}: error: {lines[0]}", file=sys.stderr)
-    rest = lines[1:]
-    for line in rest[:_MAX_DETAIL_LINES]:
-        print(f"  {line}", file=sys.stderr)
-    if len(rest) > _MAX_DETAIL_LINES:
-        print(f"  ... ({len(rest) - _MAX_DETAIL_LINES} more lines)", file=sys.stderr)
-    sys.stderr.flush()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the command line; returns the exit status (never raises for bad input)."""
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-        from .utils.host_memory import keep_freed_host_memory
-        keep_freed_host_memory()  # this process is ours: reuse freed memory (XLA:CPU speed)
-        return args.run(args)
-    except CliError as e:
-        _report(str(e))
-        return e.status
-    except SystemExit as e:  # --help / --version
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a bug of ours: still one line unless debugging
-        if os.environ.get("SAM_JAX_DEBUG"):
-            raise
-        _report(f"internal error: {type(e).__name__}: {e} (rerun with SAM_JAX_DEBUG=1 for "
-                "the traceback)")
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,6 +6,8 @@ saves the current step and exits (status 0), so a preempted job is restarted as 
 
 from __future__ import annotations
 
+from .common import CliError
+
 
 def add_parser(sub) -> None:
     tr = sub.add_parser(
@@ -21,16 +23,14 @@ def add_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from .cli_common import CliError
-
     try:
-        from .training.config import load_config
+        from ..training.config import load_config
         cfg = load_config(args.config, args.overrides)
     except (ValueError, TypeError) as e:
         raise CliError(str(e)) from None
     except ImportError as e:
         raise CliError(f"training needs the 'train' extra ({e}): pip install 'sam-jax[train]'")
-    from .training.train import train
+    from ..training.train import train
 
     try:
         result = train(cfg, progress=not args.quiet)
