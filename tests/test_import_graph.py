@@ -181,3 +181,22 @@ def test_graph_is_read(graph):
 def test_no_import_cycle(graph):
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_cli_commands_import_only_common(graph):
+    # one module per command; what they share is in cli.common, composed by cli/__init__.py
+    commands = [m for m in graph if m.startswith("sam_jax.cli.")
+                and m not in ("sam_jax.cli.common", "sam_jax.cli.__main__")]
+    assert commands, "no command modules found"
+    for module in commands:
+        inside = {m for m in graph[module] if m == "sam_jax.cli" or m.startswith("sam_jax.cli.")}
+        assert inside <= {"sam_jax.cli.common"}, f"{module} imports {sorted(inside)}"
+
+
+def test_checkpoints_modules_do_not_import_their_package(graph):
+    # only sam_jax/checkpoints/__init__.py composes the pieces; a piece importing it back
+    # would make the package's import order matter
+    pieces = [m for m in graph if m.startswith("sam_jax.checkpoints.")]
+    assert "sam_jax.checkpoints.errors" in pieces
+    for module in pieces:
+        assert "sam_jax.checkpoints" not in graph[module], module
