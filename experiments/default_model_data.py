@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     from sam_jax import configs
     from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
     from sam_jax.modeling import Sam
+    from sam_jax.utils.transforms import normalize_padded
 
     cfg = configs.dinov2_s()
     size, side = cfg.image_size, cfg.low_res_size
@@ -218,7 +219,6 @@ def main(argv=None) -> int:
     print("photos:", {f"{d}/{s}": n for (d, s), n in sorted(counts.items())})
 
     params = {"image_encoder": import_dinov2_backbone(cfg, args.onnx)}
-    mean, std = np.array(cfg.pixel_mean, np.float32), np.array(cfg.pixel_std, np.float32)
     features = jax.jit(lambda p, x: Sam(cfg).apply({"params": p}, x,
                                                    method="backbone_features"))
     total = 2 * len(train)
@@ -230,13 +230,9 @@ def main(argv=None) -> int:
         nonlocal shard_views, shard_index
         path = os.path.join(args.out, f"train_{shard_index:04d}.npz")
         if shard_views and not os.path.exists(path):
-            pixels = np.stack([v["image"] for v in shard_views]).astype(np.float32)
             sizes = np.stack([v["input_size"] for v in shard_views])
-            pixels = (pixels - mean) / std
-            rows = np.arange(size)
-            inside = ((rows[None, :, None] < sizes[:, 0, None, None])
-                      & (rows[None, None, :] < sizes[:, 1, None, None]))
-            pixels = np.where(inside[..., None], pixels, 0.0)
+            pixels = normalize_padded(np.stack([v["image"] for v in shard_views]), sizes,
+                                      cfg.pixel_mean, cfg.pixel_std)
             feats = [np.asarray(features(params, pixels[i:i + 4]))
                      for i in range(0, len(pixels), 4)]
             tmp = path + ".tmp.npz"

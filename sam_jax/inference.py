@@ -27,7 +27,7 @@ from . import backend
 from .build_sam import Variables
 from .configs import SamConfig
 from .modeling import PAD_LABEL, Sam
-from .utils.transforms import ResizeLongestSide
+from .utils.transforms import normalize_padded, resize_and_pad
 
 MIN_TOKENS = 2  # a single point (+ its not-a-point pad) or a box: the common prompts
 
@@ -85,16 +85,12 @@ def check_image(image: np.ndarray) -> np.ndarray:
 
 def prepare_image(image: np.ndarray, config: SamConfig) -> PreparedImage:
     """Resize the longest side to S (PIL bilinear), normalize, pad bottom-right with zeros,
-    exactly as `ResizeLongestSide.apply_image` + `Sam.preprocess`."""
+    exactly as `ResizeLongestSide.apply_image` + `Sam.preprocess` (sam_jax/utils/transforms.py,
+    which the training step's normalization calls too)."""
     image = check_image(image)
-    s = config.image_size
-    resized = ResizeLongestSide(s).apply_image(image).astype(np.float32)
-    h, w = resized.shape[:2]
-    mean = np.asarray(config.pixel_mean, np.float32)
-    std = np.asarray(config.pixel_std, np.float32)
-    pixels = np.zeros((s, s, 3), np.float32)
-    pixels[:h, :w] = (resized - mean) / std
-    return PreparedImage(pixels, (h, w), tuple(image.shape[:2]))
+    padded, input_size = resize_and_pad(image, config.image_size)
+    pixels = normalize_padded(padded, input_size, config.pixel_mean, config.pixel_std)
+    return PreparedImage(pixels, input_size, tuple(image.shape[:2]))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -3,6 +3,8 @@ in the official release; the preprocessing matches `SamPredictor.set_image`).
 
 An example (`make_example`), with S the model's input size:
   "image":      (S, S, 3) uint8   `ResizeLongestSide(S).apply_image`, zero-padded bottom/right
+                                  (`resize_and_pad`; the train step normalizes it with
+                                  `normalize_padded`, as inference does)
   "input_size": (2,) int32        (h, w) after resizing, before padding
   "masks":      (M, S/4, S/4) bool  ground truth in the mask decoder's low-res frame, which
                                   covers the padded S x S input at stride 4
@@ -50,17 +52,11 @@ import numpy as np
 from PIL import Image
 
 from ..utils import amg
-from ..utils.transforms import ResizeLongestSide
+from ..utils.transforms import ResizeLongestSide, resize_and_pad
 from . import datasets
 
 MAX_AREA_FRACTION = 0.9
 LOW_RES_STRIDE = 4
-
-
-def pad_image(image: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size, size, 3), np.uint8)
-    out[:image.shape[0], :image.shape[1]] = image
-    return out
 
 
 def low_res_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
@@ -94,7 +90,7 @@ def _build_example(image: np.ndarray, n_masks: int, get_mask: Callable[[int], np
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     big_h, big_w = image.shape[:2]
     transform = ResizeLongestSide(image_size)
-    resized = transform.apply_image(image)
+    padded, input_size = resize_and_pad(image, image_size)
     low = image_size // LOW_RES_STRIDE
     masks = np.zeros((max_masks, low, low), bool)
     boxes = np.zeros((max_masks, 4), np.float32)
@@ -116,8 +112,7 @@ def _build_example(image: np.ndarray, n_masks: int, get_mask: Callable[[int], np
         boxes[n] = transform.apply_boxes(mask_box(mask)[None], (big_h, big_w))[0]
         valid[n] = True
         n += 1
-    return {"image": pad_image(resized, image_size),
-            "input_size": np.array(resized.shape[:2], np.int32),
+    return {"image": padded, "input_size": np.array(input_size, np.int32),
             "masks": masks, "boxes": boxes, "mask_valid": valid}
 
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..configs import SamConfig
 from ..modeling import PAD_LABEL, Sam
+from ..utils.transforms import normalize_padded
 from .optim import OptimConfig, learning_rate_schedule, make_optimizer
 from .simulation import simulate
 
@@ -48,19 +49,6 @@ class StepConfig:
     click_rounds: int = 8
 
 
-def normalize_images(model_config: SamConfig, images: jax.Array,
-                     input_size: jax.Array) -> jax.Array:
-    """(B, S, S, 3) uint8 resized, zero-padded images -> normalized with the padding at exactly
-    zero, as the official `Sam.preprocess` (normalize, then pad)."""
-    mean = jnp.asarray(model_config.pixel_mean, jnp.float32)
-    std = jnp.asarray(model_config.pixel_std, jnp.float32)
-    x = (images.astype(jnp.float32) - mean) / std
-    s = images.shape[1]
-    inside = ((jnp.arange(s)[None, :, None] < input_size[:, 0, None, None])
-              & (jnp.arange(s)[None, None, :] < input_size[:, 1, None, None]))
-    return jnp.where(inside[..., None], x, 0.0)
-
-
 def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
                      step_config: StepConfig, train_encoder: bool = True):
     """The step's loss: encode each image once, then the interactive simulation for every mask.
@@ -75,7 +63,9 @@ def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
     if "features" in batch:
         embeddings = model.apply(variables, batch["features"], method="embed_features")
     else:
-        pixels = normalize_images(model_config, batch["image"], batch["input_size"])
+        # the loader's uint8 images (resize_and_pad), normalized here as inference does
+        pixels = normalize_padded(batch["image"], batch["input_size"], model_config.pixel_mean,
+                                  model_config.pixel_std)
         embeddings = model.apply(variables, pixels, not train_encoder, method="embed_image",
                                  rngs={"dropout": k_drop})
         if not train_encoder:

@@ -1,11 +1,20 @@
-"""Ports `segment_anything/utils/transforms.py` (numpy side): resize the longest side.
+"""Ports `segment_anything/utils/transforms.py` (numpy side): resize the longest side; and
+the rest of SAM's image preprocessing (the official `Sam.preprocess`: normalize, zero-pad), the
+one copy that inference (numpy, on the host) and training (jax, inside the jitted step) call.
 
 The official `apply_image` resizes with torchvision on a PIL image, which is PIL's bilinear
 (antialiased) resize; we call PIL directly so the pixels are identical without torchvision.
+
+    padded, input_size = resize_and_pad(image, S)      # (S, S, 3) uint8, (h, w) before padding
+    pixels = normalize_padded(padded, input_size, pixel_mean, pixel_std)   # float32
+Training stores the uint8 `padded` (4x smaller than float32) and normalizes a whole batch on
+the device; inference normalizes one image on the host. Both run the same float32 operations,
+except that XLA turns the division by the per-channel std into a multiplication by its
+reciprocal, so the two may differ in the last bit (numpy divides, as the official torch code).
 """
 
 from copy import deepcopy
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -38,3 +47,30 @@ class ResizeLongestSide:
         scale = long_side_length * 1.0 / max(oldh, oldw)
         newh, neww = oldh * scale, oldw * scale
         return (int(newh + 0.5), int(neww + 0.5))
+
+
+def resize_and_pad(image: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """HxWx3 uint8 -> (the image with its longest side resized to `size` (`apply_image`) and
+    zero-padded bottom-right to (size, size, 3) uint8, its (h, w) before padding)."""
+    resized = ResizeLongestSide(size).apply_image(image)
+    padded = np.zeros((size, size, 3), np.uint8)
+    padded[:resized.shape[0], :resized.shape[1]] = resized
+    return padded, (int(resized.shape[0]), int(resized.shape[1]))
+
+
+def normalize_padded(images, input_size, pixel_mean: Sequence[float],
+                     pixel_std: Sequence[float]):
+    """(..., S, S, 3) uint8 images from `resize_and_pad`, `input_size` (..., 2) their (h, w) ->
+    float32 `(x - mean) / std` with the padding at exactly zero: the official `Sam.preprocess`
+    (normalize, then pad). numpy arrays in, numpy out; jax arrays (or tracers) in, jax out."""
+    if isinstance(images, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp  # only the training step passes jax arrays
+    mean = xp.asarray(pixel_mean, xp.float32)
+    std = xp.asarray(pixel_std, xp.float32)
+    x = (images.astype(xp.float32) - mean) / std
+    input_size = xp.asarray(input_size)
+    inside = ((xp.arange(images.shape[-3])[:, None] < input_size[..., 0, None, None])
+              & (xp.arange(images.shape[-2])[None, :] < input_size[..., 1, None, None]))
+    return xp.where(inside[..., None], x, 0.0)
