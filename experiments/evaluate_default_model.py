@@ -282,6 +282,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parts-photos", type=int, default=25,
                         help="held-out clothing photos whose parts are scored")
     parser.add_argument("--out", default="experiments/results/default_model")
+    parser.add_argument("--previous", default=None,
+                        help="a JSON this script wrote: its models and baseline are reused "
+                             "(same held-out sets), not recomputed, unless named again here")
     args = parser.parse_args(argv)
 
     import sam_jax
@@ -301,7 +304,11 @@ def main(argv=None) -> int:
         results[name] = evaluate_model(name, path, sets, drawn)
         results[name]["_path"] = path
         print(table({name: results[name]}))
-    if not args.no_baseline:
+    if args.previous:  # after this run's models, so the first drawn curves are theirs
+        with open(args.previous) as f:
+            for name, r in json.load(f).items():
+                results.setdefault(name, r)
+    if not args.no_baseline and "dinov2-cosine" not in results:
         threshold, tuning = tune_threshold(args.data, args.baseline_tune)
         print(f"baseline threshold {threshold} (training photos: {tuning})")
         results["dinov2-cosine"] = evaluate_baseline(sets, threshold)
@@ -314,6 +321,7 @@ def main(argv=None) -> int:
     with open(args.out + ".json", "w") as f:
         json.dump(results, f, indent=1, default=str)
     plot(results, sets, drawn, args.out + ".png", models[0].partition("=")[0])
+    # the first --model's predictions are drawn; the curves show every model
     print(f"wrote {args.out}.txt, .json and .png")
     return 0
 

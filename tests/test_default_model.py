@@ -1,11 +1,13 @@
-"""The model bundled in the package (sam_jax/weights/sam_mini_davis, trained by
-`sam-jax train --config experiments/configs/davis_mini.json`): it loads with no path, the CLI
-uses it when no --checkpoint is given, and it segments real frames."""
+"""The model bundled in the package (sam_jax/weights/sam_dinov2_s: the pretrained DINOv2
+ViT-S/14 backbone stored as int8, SAM's head trained by experiments/train_default_model.py):
+it loads with no path, the CLI uses it when no --checkpoint is given, and it segments real
+photos: the object under a click, what a box holds, less after a negative click."""
 
 import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import sam_jax
@@ -15,6 +17,9 @@ from sam_jax.training.evaluate import evaluate_clicks
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUCK = os.path.join(REPO, "assets", "truck.jpg")
 DAVIS = os.path.join(REPO, "tests", "data", "davis_mini")
+# the truck's body and one of its wheels in assets/truck.jpg (1800 x 1200), by hand
+TRUCK_BOX = (75, 275, 1725, 850)
+WHEEL_BOX = (425, 600, 700, 875)
 
 
 def _size_mb(path):
@@ -22,25 +27,68 @@ def _size_mb(path):
                for f in files) / 2 ** 20
 
 
-def test_bundled_model_loads_and_is_small():
+@pytest.fixture(scope="module")
+def model():
+    return sam_jax.load()
+
+
+@pytest.fixture(scope="module")
+def truck_predictor(model):
+    predictor = sam_jax.SamPredictor(model)
+    predictor.set_image(np.asarray(Image.open(TRUCK).convert("RGB")))
+    return predictor
+
+
+def _box_stats(mask, box):
+    """(share of the mask inside the box, share of the box the mask covers)."""
+    x0, y0, x1, y1 = box
+    inside = mask[y0:y1, x0:x1].sum()
+    return inside / max(mask.sum(), 1), inside / ((x1 - x0) * (y1 - y0))
+
+
+def test_bundled_model_loads_and_is_small(model):
     assert os.path.isdir(sam_jax.DEFAULT_CHECKPOINT)
-    assert _size_mb(sam_jax.DEFAULT_CHECKPOINT) < 25
-    model = sam_jax.load()
-    assert model.config == sam_jax.get_config("mini")
+    assert _size_mb(sam_jax.DEFAULT_CHECKPOINT) < 45
+    assert model.config == sam_jax.get_config("dinov2_s")
 
 
-def test_bundled_model_segments_davis_frames():
+def test_bundled_model_segments_davis_frames(model):
     examples = []
     for seq, frame in (("camel", "00000"), ("camel", "00040"), ("cows", "00000"),
                        ("cows", "00050")):
         image = np.asarray(Image.open(f"{DAVIS}/JPEGImages/480p/{seq}/{frame}.jpg").convert("RGB"))
         mask = np.asarray(Image.open(f"{DAVIS}/Annotations/480p/{seq}/{frame}.png")) > 127
         examples.append((image, mask[None], {}))
-    result = evaluate_clicks(sam_jax.load(), examples, num_clicks=3)
+    result = evaluate_clicks(model, examples, num_clicks=3)
     print(result)
     # frames of training sequences (downscaled): a check that the shipped weights segment,
-    # not a held-out score (README reports that)
-    assert result["miou_1"] > 0.5 and result["miou_3"] > 0.6
+    # not a held-out score (the README reports those)
+    assert result["miou_1"] > 0.75 and result["miou_3"] > 0.75
+
+
+@pytest.mark.parametrize("box, min_cover", [(TRUCK_BOX, 0.3), (WHEEL_BOX, 0.3)])
+def test_box_gives_what_the_box_holds(truck_predictor, box, min_cover):
+    masks, scores, _ = truck_predictor.predict(box=np.array(box, np.float32),
+                                               multimask_output=False)
+    inside, cover = _box_stats(masks[0], box)
+    assert inside > 0.9 and cover > min_cover, (inside, cover, scores)
+
+
+def test_negative_click_removes_part_of_the_mask(truck_predictor):
+    # a click on the truck, then a negative click on its wheel: the wheel leaves the mask
+    point = np.array([[1000, 500]], np.float32)
+    masks, scores, logits = truck_predictor.predict(point_coords=point,
+                                                    point_labels=np.array([1]))
+    first = masks[int(np.argmax(scores))]
+    wheel = (560, 740)
+    assert first[wheel[1], wheel[0]]
+    masks2, _, _ = truck_predictor.predict(
+        point_coords=np.array([[1000, 500], wheel], np.float32), point_labels=np.array([1, 0]),
+        mask_input=logits[int(np.argmax(scores))][None], multimask_output=False)
+    second = masks2[0]
+    assert not second[wheel[1], wheel[0]]
+    changed = (first != second).mean() / max(first.mean(), 1e-9)
+    assert changed > 0.05, changed
 
 
 def test_segment_without_checkpoint_uses_bundled_model(tmp_path, capsys):
@@ -49,11 +97,23 @@ def test_segment_without_checkpoint_uses_bundled_model(tmp_path, capsys):
                        str(prefix)])
     err = capsys.readouterr().err
     assert status == 0, err
-    assert "bundled mini model" in err
+    assert "bundled default model" in err
     record = json.loads((tmp_path / "truck.json").read_text())
     assert record["checkpoint"] == sam_jax.DEFAULT_CHECKPOINT
+    assert record["model_type"] == "dinov2_s"
     mask = np.asarray(Image.open(tmp_path / "truck.png")) > 0
-    assert mask.shape == (1200, 1800) and 0.001 < mask.mean() < 0.9
+    assert mask.shape == (1200, 1800)
+    # the README's first command clicks the truck's side: the mask is the truck (or a
+    # large part of it), not the wall behind it
+    inside, cover = _box_stats(mask, TRUCK_BOX)
+    assert inside > 0.9 and cover > 0.3, (inside, cover)
+
+
+def test_generate_with_defaults_finds_objects(tmp_path, capsys):
+    status = cli.main(["generate", TRUCK, "-o", str(tmp_path / "out"), "-q"])
+    assert status == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "truck.json").read_text())
+    assert len(record["annotations"]) >= 5
 
 
 def test_missing_bundled_model_is_a_clear_error(tmp_path, capsys, monkeypatch):

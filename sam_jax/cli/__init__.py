@@ -2,13 +2,15 @@
 `scripts/amg.py` only runs the automatic mask generator).
 
   sam-jax convert CHECKPOINT OUT_DIR [--model-type auto|vit_b|vit_l|vit_h|tiny] [--overwrite]
+  sam-jax download vit_b|vit_l|vit_h|facebook/sam-vit-base|...
   sam-jax segment IMAGE [--checkpoint PATH] [--point X,Y[,LABEL]]... [--box X0,Y0,X1,Y1]
                   [--multimask] -o OUT_PREFIX
   sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
   sam-jax train --config CONFIG [KEY=VALUE ...]
 
-Without --checkpoint, segment and generate use the small model bundled in the package
-(sam_jax/weights/sam_mini_davis, trained by `sam-jax train` on DAVIS-2016; see README).
+Without --checkpoint, segment and generate use the model bundled in the package
+(sam_jax/weights/sam_dinov2_s: a pretrained DINOv2 ViT-S/14 backbone with SAM's prompt encoder
+and mask decoder trained here on real photos; see README, "The bundled model").
 
 `segment` writes OUT_PREFIX.png (the chosen mask, 0/255 grayscale), OUT_PREFIX_overlay.png
 (the mask over the image) and OUT_PREFIX.json (scores, chosen index, image size, prompt,
@@ -32,7 +34,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import convert, generate, segment, train
+from . import convert, download, generate, segment, train
 from .common import PROG, CliError
 
 _MAX_DETAIL_LINES = 12
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # one module per command, each knowing only .common; their order is the order in --help
-    for command in (convert, segment, generate, train):
+    for command in (convert, download, segment, generate, train):
         command.add_parser(sub)
     return parser
 

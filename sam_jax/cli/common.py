@@ -34,10 +34,23 @@ def resolve_checkpoint(args) -> str:
     if not os.path.isdir(DEFAULT_CHECKPOINT):
         raise CliError("no --checkpoint given and the bundled default model is missing from "
                        f"this install ({DEFAULT_CHECKPOINT}); pass --checkpoint PATH")
-    info(args, "no --checkpoint: using the bundled mini model (trained here on DAVIS-2016 at "
-         "256 px; convert an official checkpoint for SAM's quality)")
+    info(args, "no --checkpoint: using the bundled default model (a pretrained DINOv2-S "
+         "backbone with SAM's head trained here on 1,462 photos; convert an official "
+         "checkpoint for SAM's quality)")
     args.checkpoint = DEFAULT_CHECKPOINT
     return DEFAULT_CHECKPOINT
+
+
+def check_checkpoint(args) -> str:
+    """--checkpoint (or the bundled model) if it exists or names official weights (fetched at
+    load); else a CliError, raised before any other work."""
+    from ..hub import HF_REPOS, OFFICIAL_CHECKPOINTS
+
+    path = resolve_checkpoint(args)
+    if not os.path.exists(path) and path not in OFFICIAL_CHECKPOINTS and path not in HF_REPOS:
+        raise CliError(f"checkpoint {path}: no such file or directory (official weights by "
+                       f"name: {', '.join(OFFICIAL_CHECKPOINTS)}; see `{PROG} download`)")
+    return path
 
 
 def load_model(args):
@@ -45,12 +58,17 @@ def load_model(args):
     from .. import load
     from ..checkpoints import CheckpointError
 
-    path = resolve_checkpoint(args)
-    if not os.path.exists(path):
-        raise CliError(f"checkpoint {path}: no such file or directory")
-    info(args, f"loading checkpoint {path}")
+    from ..hub import HubError
+
+    path = check_checkpoint(args)
+    named = not os.path.exists(path)
+    info(args, f"loading checkpoint {path}" + (" (official weights by name: downloaded and "
+                                               "converted once, then cached)"
+                                               if named and not os.path.exists(path) else ""))
     try:
         return load(path, model_type=args.model_type)
+    except HubError as e:  # a failed download: its message says what to fetch and where
+        raise CliError(str(e)) from None
     except CheckpointError as e:
         raise CliError(str(e)) from None
     except (OSError, ValueError) as e:  # e.g. an Orbax directory with damaged files

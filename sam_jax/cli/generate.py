@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                      "recursive)")
     gen.add_argument("--checkpoint", metavar="PATH",
                      help="official .pth, HF .safetensors, or a `sam-jax convert` directory "
-                     "(default: the small model bundled with sam-jax)")
+                     "(default: the model bundled with sam-jax)")
     gen.add_argument("--model-type", default="auto", choices=MODEL_TYPE_CHOICES)
     gen.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
                      help="folder for the JSON files (created if needed)")

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Tuple
 
-from .common import MODEL_TYPE_CHOICES, PROG, CliError, info, load_model, resolve_checkpoint
+from .common import MODEL_TYPE_CHOICES, PROG, CliError, check_checkpoint, info, load_model
 
 
 def _number(text: str, what: str, spec: str) -> float:
@@ -66,8 +66,8 @@ def add_parser(sub) -> None:
     seg.add_argument("image", help="image file (anything PIL reads)")
     seg.add_argument("--checkpoint", metavar="PATH",
                      help="official .pth, HF .safetensors (or its folder), or a directory "
-                     "written by `sam-jax convert` (default: the small model bundled with "
-                     "sam-jax, trained on DAVIS-2016; see README)")
+                     "written by `sam-jax convert` (default: the model bundled with "
+                     "sam-jax; see README)")
     seg.add_argument("--model-type", default="auto", choices=MODEL_TYPE_CHOICES,
                      help="model of a .pth/.safetensors checkpoint (default: detect; a "
                      "converted directory carries its own)")
@@ -109,10 +109,10 @@ def _check_prompt_inside(points, box, width: int, height: int) -> None:
 
 
 def _model_name(config) -> str:
-    """The preset a config equals ("vit_b", ..., "tiny"), else "custom"."""
+    """The preset a config equals ("vit_b", ..., "tiny", "mini", "dinov2_s"), else "custom"."""
     from ..configs import get_config
 
-    for name in MODEL_TYPE_CHOICES[1:]:
+    for name in MODEL_TYPE_CHOICES[1:] + ("mini", "dinov2_s"):
         if get_config(name) == config:
             return name
     return "custom"
@@ -128,8 +128,7 @@ def run_segment(args) -> int:
         raise CliError("segment: give at least one --point X,Y[,LABEL] or a --box "
                        "X0,Y0,X1,Y1 (see 'sam-jax segment --help')", status=2)
     mask_path, overlay_path, json_path = _output_paths(args.output)
-    if not os.path.exists(resolve_checkpoint(args)):  # fail before the image is decoded
-        raise CliError(f"checkpoint {args.checkpoint}: no such file or directory")
+    check_checkpoint(args)  # fail before the image is decoded
 
     try:
         image, notes = load_image(args.image)
