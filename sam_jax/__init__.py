@@ -75,7 +75,8 @@ def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None
     checkpoint, `load(checkpoint, model_type=model_type)` (an official .pth is read without
     torch; a checkpoint of another model type raises CheckpointError); without one, an
     untrained model with the random initialization of `init_variables` (fixed seed 0, so two
-    calls give the same weights), as the official `build_sam_vit_b()` gives an untrained one.
+    calls give the same weights on one backend), as the official `build_sam_vit_b()` gives an
+    untrained one.
     Tests register small presets in `sam_model_registry` through this function."""
     if checkpoint is not None:
         model = load(checkpoint, model_type=model_type)
@@ -91,7 +92,9 @@ def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None
 
     compilation_cache.enable()  # as load() does: the init compiles the whole model
     config = get_config(model_type)
-    return SamModel(config, init_variables(config, jax.random.key(0)))
+    # rbg keys: the init's random numbers compile in half the time of threefry's (the default
+    # key, which training keeps), and an untrained model needs no particular stream
+    return SamModel(config, init_variables(config, jax.random.key(0, impl="rbg")))
 
 
 def build_sam_vit_h(checkpoint: str | os.PathLike | None = None) -> SamModel:
