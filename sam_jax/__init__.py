@@ -4,6 +4,11 @@
     predictor = sam_jax.SamPredictor(sam)
     predictor.set_image(image_rgb_uint8)
     masks, scores, logits = predictor.predict(point_coords=..., point_labels=...)
+
+The official package's names work too, so switching is one import line:
+
+    from sam_jax import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+    sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .build_sam import abstract_variables, build_sam, init_variables
+import jax
+
+from .build_sam import abstract_variables, build_module, init_variables
 from .checkpoints import CheckpointError
-from .configs import SamConfig, get_config, tiny, vit_b, vit_h, vit_l
+from .configs import SamConfig, get_config, preset_name, tiny, vit_b, vit_h, vit_l
 from .inference import SamModel
 from .automatic_mask_generator import SamAutomaticMaskGenerator
 from .predictor import SamPredictor
@@ -61,8 +68,74 @@ def load(path: str | os.PathLike | None = None, model_type: str = "auto",
     return SamModel(config, variables)
 
 
+# ---- the official builders (segment_anything/build_sam.py), here because they call `load` ----
+
+def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> SamModel:
+    """What the official builders do, for any preset of `sam_jax.get_config`: with a
+    checkpoint, `load(checkpoint, model_type=model_type)` (an official .pth is read without
+    torch; a checkpoint of another model type raises CheckpointError); without one, an
+    untrained model with the random initialization of `init_variables` (fixed seed 0, so two
+    calls give the same weights on one backend), as the official `build_sam_vit_b()` gives an
+    untrained one.
+    Tests register small presets in `sam_model_registry` through this function."""
+    if checkpoint is not None:
+        model = load(checkpoint, model_type=model_type)
+        # A converted directory carries its own config and ignores model_type: without this
+        # check, build_sam_vit_h(checkpoint=a_vit_b_dir) would quietly return a ViT-B.
+        found = preset_name(model.config)
+        if found != model_type:
+            hint = f"sam_model_registry[{found!r}]" if found else "sam_jax.load"
+            raise CheckpointError(f"{checkpoint}: holds a {found or 'custom'} model, not the "
+                                  f"{model_type} this builder makes; use {hint}")
+        return model
+    from . import compilation_cache
+
+    compilation_cache.enable()  # as load() does: the init compiles the whole model
+    config = get_config(model_type)
+    # rbg keys: the init's random numbers compile in half the time of threefry's (the default
+    # key, which training keeps), and an untrained model needs no particular stream
+    return SamModel(config, init_variables(config, jax.random.key(0, impl="rbg")))
+
+
+def build_sam_vit_h(checkpoint: str | os.PathLike | None = None) -> SamModel:
+    """The official `build_sam_vit_h`: ViT-H SAM from `checkpoint` (a path, or "vit_h" to
+    download the official weights), or untrained with checkpoint=None."""
+    return build_sam_model("vit_h", checkpoint)
+
+
+build_sam = build_sam_vit_h  # the official alias: the default model is ViT-H
+
+
+def build_sam_vit_l(checkpoint: str | os.PathLike | None = None) -> SamModel:
+    """The official `build_sam_vit_l` (see `build_sam_vit_h`)."""
+    return build_sam_model("vit_l", checkpoint)
+
+
+def build_sam_vit_b(checkpoint: str | os.PathLike | None = None) -> SamModel:
+    """The official `build_sam_vit_b` (see `build_sam_vit_h`)."""
+    return build_sam_model("vit_b", checkpoint)
+
+
+class _Registry(dict):
+    """A dict, as the official registry, whose KeyError also lists the keys there are."""
+
+    def __missing__(self, key):
+        raise KeyError(f"{key!r}: no such model type in sam_model_registry; it has "
+                       f"{sorted(self)}")
+
+
+# The official registry, same keys: `sam_model_registry["vit_b"](checkpoint=path)`.
+sam_model_registry = _Registry({
+    "default": build_sam,
+    "vit_h": build_sam,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+})
+
+
 __all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_MODEL_TYPE", "CheckpointError", "DevicePrediction",
            "SamAutomaticMaskGenerator", "SamConfig", "SamModel", "SamPredictor",
-           "abstract_variables",
-           "build_sam", "get_config", "init_variables", "keep_freed_host_memory", "load",
-           "predict_on_device", "tiny", "vit_b", "vit_h", "vit_l"]
+           "abstract_variables", "build_module", "build_sam", "build_sam_model",
+           "build_sam_vit_b", "build_sam_vit_h", "build_sam_vit_l", "get_config",
+           "init_variables", "keep_freed_host_memory", "load", "predict_on_device",
+           "sam_model_registry", "tiny", "vit_b", "vit_h", "vit_l"]

@@ -1,7 +1,12 @@
-"""Ports `segment_anything/build_sam.py`: build the model and its variables from a config.
+"""Ports the model half of `segment_anything/build_sam.py`: the Flax module and its variables
+from a config.
 
 Variables are `{"params": ..., "buffers": ...}`; "buffers" holds the prompt encoder's random
 Fourier matrix, which is not trained.
+
+The official names (`sam_model_registry`, `build_sam`, `build_sam_vit_{h,l,b}`: a model from a
+checkpoint path, or untrained) are in `sam_jax/__init__.py`, next to `load`, which they call:
+here they would close an import circle (`checkpoints` imports this module).
 """
 
 from typing import Any, Dict, Union
@@ -15,7 +20,9 @@ from .modeling import Sam
 Variables = Dict[str, Any]
 
 
-def build_sam(config: Union[SamConfig, str]) -> Sam:
+def build_module(config: Union[SamConfig, str]) -> Sam:
+    """The Flax module (no variables) for a config or a preset name. Named `build_module`, not
+    `build_sam`: `sam_jax.build_sam` is the official builder (a model with weights)."""
     if isinstance(config, str):
         config = get_config(config)
     return Sam(config)

@@ -230,10 +230,22 @@ def dinov2_s() -> SamConfig:
 
 
 MODEL_TYPES = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h}
+PRESETS = dict(MODEL_TYPES, tiny=tiny, mini=mini, dinov2_s=dinov2_s)
 
 
 def get_config(name: str) -> SamConfig:
-    presets = dict(MODEL_TYPES, tiny=tiny, mini=mini, dinov2_s=dinov2_s)
-    if name not in presets:
-        raise ValueError(f"unknown model type {name!r}; expected one of {sorted(presets)}")
-    return presets[name]()
+    if name not in PRESETS:
+        raise ValueError(f"unknown model type {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def preset_name(config: SamConfig) -> Optional[str]:
+    """The preset with `config`'s architecture (widths, depths, sizes), or None. Options that
+    do not change the weights (training-only, attention implementation, dtype) are ignored."""
+    def architecture(c: SamConfig):
+        encoder = dataclasses.replace(c.image_encoder, drop_path_rate=0.0, remat_blocks=False)
+        return encoder, c.prompt_encoder, c.mask_decoder
+    for name, make in PRESETS.items():
+        if architecture(make()) == architecture(config):
+            return name
+    return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -25,16 +26,20 @@ import numpy as np
 
 from . import backend
 from .build_sam import Variables
-from .configs import SamConfig
+from .configs import SamConfig, preset_name
 from .modeling import PAD_LABEL, Sam
 from .utils.transforms import normalize_padded, resize_and_pad
 
 MIN_TOKENS = 2  # a single point (+ its not-a-point pad) or a box: the common prompts
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class SamModel:
-    """A configuration and its variables: what `sam_jax.load` returns."""
+    """A configuration and its variables: what `sam_jax.load` and the official builders
+    (`sam_jax.sam_model_registry[...]`) return.
+
+    Also takes the calls official SAM code makes on its torch model: `sam.to(device)` (in
+    place, returns the model), `sam.eval()` (returns the model), `sam.device`."""
 
     config: SamConfig
     variables: Variables
@@ -46,6 +51,52 @@ class SamModel:
     @property
     def mask_threshold(self) -> float:
         return self.config.mask_threshold
+
+    @property
+    def device(self) -> str:
+        """Where the variables are, named as torch names devices ("cpu", "cuda:0"), so official
+        code such as `torch.tensor(boxes, device=predictor.device)` runs unchanged."""
+        leaf = jax.tree.leaves(self.variables)[0]
+        devices = leaf.devices() if isinstance(leaf, jax.Array) else jax.devices()[:1]
+        return backend.torch_style_name(sorted(devices, key=lambda d: d.id))
+
+    def to(self, device) -> "SamModel":
+        """Moves the variables to `device` ("cpu", "cuda", "cuda:1", a torch.device or a
+        jax.Device) IN PLACE and returns the model, as torch's `Module.to` (the official
+        notebooks call `sam.to(device=device)` and keep using `sam`). Later calls compute
+        where the variables are.
+
+        "cuda" (or "tpu") on a JAX without such a device warns and leaves the model where it
+        is: the official notebooks hard-code `device = "cuda"`, and the results are the same
+        on the CPU, only slower; an error would stop an unchanged notebook for no gain. An
+        unknown device name, or an index past the devices present, raises ValueError."""
+        target = backend.find_device(device)
+        if target is None:
+            warnings.warn(f"sam.to({str(device)!r}): this JAX has no such device (it has "
+                          f"{jax.devices()}); the model stays on {self.device}. Install a "
+                          "JAX build for your accelerator to use it.", RuntimeWarning,
+                          stacklevel=2)
+            return self
+        # frozen dataclass: the one sanctioned mutation, so that `sam.to(...)` moves `sam`
+        object.__setattr__(self, "variables", jax.device_put(self.variables, target))
+        return self
+
+    def eval(self) -> "SamModel":
+        """Returns the model: official code calls `sam.eval()`; inference here is always in
+        evaluation mode (no dropout; drop path only in the training step)."""
+        return self
+
+    def __repr__(self) -> str:
+        # The default dataclass repr printed every weight (~550,000 characters for vit_b).
+        c = self.config
+        e = c.image_encoder
+        kind = "DINOv2 ViT" if getattr(e, "kind", None) == "dinov2" else "ViT"
+        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.variables["params"]))
+        count = f"{params / 1e6:.1f} M" if params >= 1e6 else f"{params / 1e3:.1f} k"
+        int8 = ", int8 weights" if "int8_scales" in self.variables else ""
+        return (f"SamModel({preset_name(c) or 'custom'}: image encoder {kind} width "
+                f"{e.embed_dim} depth {e.depth} at {e.img_size} px, {count} params{int8}, "
+                f"compute {c.compute_dtype}, on {self.device})")
 
 
 class PreparedImage(NamedTuple):

@@ -1,15 +1,20 @@
 """Ports `segment_anything/predictor.py`: `SamPredictor` with the official API.
 
-Switching is one line (`sam_jax.load(path)` in place of `sam_model_registry[...](checkpoint)`):
-`set_image`, `predict`, `get_image_embedding`, `reset_image` take and return the same shapes,
-dtypes and coordinate conventions (numpy, (x, y) pixels of the original image, XYXY boxes,
-CxHxW masks, 1x256x256 mask inputs). Differences, all on the side of safety:
+Switching is one line (`from sam_jax import SamPredictor, sam_model_registry`; or
+`sam_jax.load(path)` for the model): `set_image`, `predict`, `get_image_embedding`,
+`reset_image` take and return the same shapes, dtypes and coordinate conventions (numpy,
+(x, y) pixels of the original image, XYXY boxes, CxHxW masks, 1x256x256 mask inputs).
+Differences, all on the side of safety:
 - prompts are validated (points/boxes inside the image, labels 0/1, shapes) with errors that
   name the problem, where the official code asserts or silently extrapolates;
 - `predict_batch` takes prompts in the ORIGINAL image frame as numpy arrays and returns numpy;
   `transform` is available for callers who want the model frame;
 - `predict_jax` is the official `predict_torch` on jax arrays: model-frame prompts in, masks,
-  IoU and low-res logits out as jax arrays on the device (`sam_jax.device_predict`).
+  IoU and low-res logits out as jax arrays on the device (`sam_jax.device_predict`);
+  `predict_torch` is the same under the official name, also taking numpy arrays and torch
+  tensors (converted through numpy), so notebook code built on it runs unchanged, with
+  `transform.apply_coords_torch` / `apply_boxes_torch`. Its outputs are jax arrays, not
+  torch tensors (`np.asarray(masks)` instead of `masks.cpu().numpy()`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import numpy as np
 
 from . import device_predict, inference
 from .inference import SamModel
-from .utils.transforms import ResizeLongestSide
+from .utils.transforms import ResizeLongestSide, from_torch
 
 
 class SamPredictor:
     def __init__(self, sam_model: SamModel) -> None:
         if not isinstance(sam_model, SamModel):
-            raise TypeError("SamPredictor takes the model returned by sam_jax.load(...), got "
+            raise TypeError("SamPredictor takes the model returned by sam_jax.load(...) or "
+                            "sam_jax.sam_model_registry[...](...), got "
                             f"{type(sam_model).__name__}")
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_size)
@@ -58,6 +64,12 @@ class SamPredictor:
         self.features = None
         self.original_size = None
         self.input_size = None
+
+    @property
+    def device(self) -> str:
+        """Where the model's variables are, torch-style ("cpu", "cuda:0"), as the official
+        `predictor.device`."""
+        return self.model.device
 
     def _require_image(self, what: str) -> None:
         if not self.is_image_set:
@@ -170,6 +182,19 @@ class SamPredictor:
             config=self.model.config, boxes=boxes, mask_inputs=mask_input,
             multimask_output=multimask_output, return_logits=return_logits,
             **(sizes if upscale else {}))
+
+    def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
+                      multimask_output: bool = True,
+                      return_logits: bool = False) -> device_predict.DevicePrediction:
+        """The official `predict_torch`: `predict_jax` under the official name, for code
+        written against the official API. Prompts ALREADY IN THE MODEL INPUT FRAME
+        (`self.transform.apply_coords_torch` / `apply_boxes_torch`) as numpy or jax arrays or
+        torch tensors (converted through numpy, on the host). Returns (masks (B, C, H, W)
+        bool, IoU (B, C), low-res logits (B, C, 256, 256)) as jax arrays; the tuple unpacks
+        as the official `masks, scores, logits = ...`."""
+        return self.predict_jax(*map(from_torch, (point_coords, point_labels, boxes,
+                                                  mask_input)),
+                                multimask_output=multimask_output, return_logits=return_logits)
 
 
 def _one_prompt(x, name: str, shape: tuple):

@@ -206,7 +206,7 @@ def test_encoder_parity_with_official_on_every_path(official_vit_b_encoder, path
     sam, x, expected = official_vit_b_encoder
     impl = "pallas" if path == "pallas-tpu" else path
     config = sam.config.replace(attention_impl=impl)
-    embed = jax.jit(lambda v, im: sam_jax.build_sam(config).apply(v, im, method="embed_image"))
+    embed = jax.jit(lambda v, im: sam_jax.build_module(config).apply(v, im, method="embed_image"))
     if path == "pallas-tpu":
         with pltpu.force_tpu_interpret_mode(), rpa.tpu_kernel_on_cpu():
             ours = embed(sam.variables, x)
@@ -222,7 +222,7 @@ def test_tiny_model_auto_on_cpu_is_the_chunked_path(tiny_sam):
     """"auto" on CPU traces exactly the chunked path (same HLO, so the same numbers)."""
     pixels = jnp.zeros((1, 128, 128, 3), jnp.float32)
     lower = lambda impl: jax.jit(  # noqa: E731
-        lambda v, x: sam_jax.build_sam(tiny_sam.config.replace(attention_impl=impl)).apply(
+        lambda v, x: sam_jax.build_module(tiny_sam.config.replace(attention_impl=impl)).apply(
             v, x, method="embed_image")).lower(tiny_sam.variables, pixels).as_text()
     assert jax.default_backend() == "cpu"
     assert lower("auto") == lower("chunked")

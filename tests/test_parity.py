@@ -32,7 +32,7 @@ import sam_jax  # noqa: E402
 from conftest import load_truck  # noqa: E402
 from official import (max_abs_diff, official_predictor, perturb, save_and_load,  # noqa: E402
                       seeded_official, to_numpy)
-from sam_jax.build_sam import build_sam  # noqa: E402
+from sam_jax.build_sam import build_module  # noqa: E402
 
 EMB_ATOL = 1e-4
 LOGIT_ATOL = 1e-4
@@ -109,7 +109,7 @@ def check_predict_matches(tag, tp, jp, kw, multimask):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_config):
-    return build_sam(tiny_config)
+    return build_module(tiny_config)
 
 
 @pytest.fixture(scope="module")

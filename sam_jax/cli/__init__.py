@@ -3,18 +3,45 @@
 
   sam-jax convert CHECKPOINT OUT_DIR [--model-type auto|vit_b|vit_l|vit_h|tiny] [--overwrite]
   sam-jax download vit_b|vit_l|vit_h|facebook/sam-vit-base|...
-  sam-jax segment IMAGE [--checkpoint PATH] [--point X,Y[,LABEL]]... [--box X0,Y0,X1,Y1]
-                  [--multimask] -o OUT_PREFIX
+  sam-jax segment IMAGE_OR_FOLDER... [--checkpoint PATH] [--point X,Y[,LABEL]]...
+                  [--box X0,Y0,X1,Y1]... [--prompt box=X0,Y0,X1,Y1/point=X,Y[,LABEL]/...]...
+                  [--multimask] [--save-all] [--compute-dtype float32|bfloat16] -o OUT
   sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
+                   [--compute-dtype float32|bfloat16] [--overwrite]
   sam-jax train --config CONFIG [KEY=VALUE ...]
 
 Without --checkpoint, segment and generate use the model bundled in the package
 (sam_jax/weights/sam_dinov2_s: a pretrained DINOv2 ViT-S/14 backbone with SAM's prompt encoder
-and mask decoder trained here on real photos; see README, "The bundled model").
+and mask decoder trained here on real photos; see README, "The bundled model"). --model-type
+picks the architecture of a .pth/.safetensors file (SAM's three, and the test preset `tiny`);
+the models trained here (`mini`, `dinov2_s`) exist only as converted directories, which carry
+their own config, so they are no choices (a --model-type that disagrees with a converted
+directory is ignored, with a note).
 
-`segment` writes OUT_PREFIX.png (the chosen mask, 0/255 grayscale), OUT_PREFIX_overlay.png
-(the mask over the image) and OUT_PREFIX.json (scores, chosen index, image size, prompt,
-checkpoint). The chosen mask is the one with the highest predicted IoU.
+`segment` prompts: the --point flags and one --box are ONE prompt; several --box flags (without
+--point) are one prompt each; --point with several --box is refused as ambiguous; `--prompt
+box=.../point=.../point=...` gives one prompt per flag (not mixed with --point/--box). Each
+prompt gives one mask; all are decoded in one batched `SamPredictor.predict_batch` call (one
+call per distinct prompt shape: number of points, box or not).
+
+`segment` outputs, OUT being -o for one image file (a path prefix) and OUT_DIR/<stem> for
+several images or a folder (-o a folder; two inputs with one stem are refused): one prompt:
+OUT.png (the chosen mask, 0/255 grayscale), OUT_overlay.png (the mask over the image) and
+OUT.json (image, image_size, checkpoint, model_type, compute_dtype, multimask, prompt, scores,
+chosen_index, mask_area, outputs, notes); N prompts: OUT_prompt<i>.png per prompt,
+OUT_overlay.png with all, and OUT.json with a "prompts" list (prompt, mask, scores,
+chosen_index, mask_area per prompt) in place of the one prompt's fields. --save-all also writes
+every candidate, OUT_candidate<j>.png (OUT_prompt<i>_candidate<j>.png for N prompts), listed
+with its score and area under "candidates". The chosen mask is the one with the highest
+predicted IoU. With several images the model is loaded once; an unreadable image, or one the
+prompts do not fit in, is reported and skipped (exit status 1 at the end).
+
+`generate` writes OUT_DIR/<stem>.json (SA-1B) with a top-level "sam_jax" record (version,
+model_type, options: checkpoint, compute_dtype, generator options) and prints `<image>: N masks`
+per image (a warning with a hint when N is 0). It skips an image whose JSON records the same
+options, redoes one made with other options, and redoes all with --overwrite.
+
+An output folder that cannot be written is reported before the model is loaded.
 
 Output streams: progress and notes go to stderr, the final summary to stdout. Every failure is
 reported as `sam-jax: error: <reason>` on stderr, never as a traceback (set SAM_JAX_DEBUG=1 to

@@ -42,11 +42,42 @@ class ResizeLongestSide:
         """(B, 4) XYXY boxes in the original image -> model input frame."""
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
+    # The official `_torch` variants, for code written against `predict_torch`: same
+    # arithmetic in float32, as torch does it. They accept numpy, jax or torch arrays (torch
+    # converted through numpy) and return jax arrays for jax input, numpy otherwise.
+    def apply_coords_torch(self, coords, original_size: Tuple[int, int]):
+        """(..., 2) (x, y) pixel coordinates in the original image -> model input frame,
+        float32."""
+        coords = from_torch(coords)
+        old_h, old_w = original_size
+        new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
+        # numpy and jax both keep float32 when scaled by a Python float, as torch does
+        return coords.astype(np.float32) * np.array([new_w / old_w, new_h / old_h], np.float32)
+
+    def apply_boxes_torch(self, boxes, original_size: Tuple[int, int]):
+        """(B, 4) XYXY boxes in the original image -> model input frame, float32."""
+        boxes = from_torch(boxes)
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        """The official rounding, except that no side becomes 0 px (the official code gives
+        0 for a side under half a pixel after scaling, e.g. a 2x40000 image at 1024, and
+        then fails): such a side is 1 px. Every other shape is the official one."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
         newh, neww = oldh * scale, oldw * scale
-        return (int(newh + 0.5), int(neww + 0.5))
+        return (max(1, int(newh + 0.5)), max(1, int(neww + 0.5)))
+
+
+def from_torch(x):
+    """A torch tensor as a numpy array (detached, copied to the host); anything else as given
+    (numpy, jax, None), or as a numpy array when it is a list or tuple. Recognises torch by
+    its type's module, so torch is never imported here."""
+    if type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    return x
 
 
 def resize_and_pad(image: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
