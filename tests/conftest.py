@@ -32,6 +32,26 @@ def load_truck(size=None) -> np.ndarray:
     return np.asarray(image)
 
 
+def call(capsys, *args):
+    """`sam_jax.cli.main(args)` in-process -> (status, stdout, stderr)."""
+    from sam_jax import cli
+
+    status = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_error(result, status, *words):
+    """A CLI failure reported as exactly one `sam-jax: error:` line naming `words`."""
+    code, out, err = result
+    assert code == status, (code, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    errors = [line for line in err.splitlines() if line.startswith("sam-jax: error: ")]
+    assert len(errors) == 1, err
+    for word in words:
+        assert word.lower() in errors[0].lower(), (word, errors[0])
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     import sam_jax

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import sam_jax
-from sam_jax import cli
+from conftest import assert_error, call
 from sam_jax.utils.image_io import ImageError, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,22 +33,6 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sam_jax", *map(str, args)], cwd=cwd or REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
-
-def call(capsys, *args):
-    """`cli.main(args)` in-process -> (status, stdout, stderr)."""
-    status = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_error(result, status, *words):
-    code, out, err = result
-    assert code == status, (code, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    errors = [line for line in err.splitlines() if line.startswith("sam-jax: error: ")]
-    assert len(errors) == 1, err
-    for word in words:
-        assert word.lower() in errors[0].lower(), (word, errors[0])
 
 
 # ---- fixtures ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import sam_jax
-from conftest import load_truck
+from conftest import assert_error, call, load_truck
 from sam_jax import cli, sa1b
 from sam_jax.utils.transforms import ResizeLongestSide
 
@@ -34,21 +34,6 @@ def checkpoint(tiny_official, tmp_path_factory):
 def predictor(tiny_sam):
     return sam_jax.SamPredictor(tiny_sam)
 
-
-def call(capsys, *args):
-    status = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_error(result, status, *words):
-    code, out, err = result
-    assert code == status, (code, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    errors = [line for line in err.splitlines() if line.startswith("sam-jax: error: ")]
-    assert len(errors) == 1, err
-    for word in words:
-        assert word.lower() in errors[0].lower(), (word, errors[0])
 
 
 def mask_png(path):
