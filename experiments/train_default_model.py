@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     parser.add_argument("--masks-per-view", type=int, default=2)
     parser.add_argument("--click-rounds", type=int, default=3,
                         help="corrective clicks per simulated interaction (the paper: 8)")
+    parser.add_argument("--center-click-prob", type=float, default=0.0,
+                        help="share of corrective clicks at the error region's interior, where "
+                             "the evaluation clicks (0: uniform over it, the paper's rule)")
     parser.add_argument("--peak-lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--save-every", type=int, default=100)
@@ -136,8 +139,9 @@ def main(argv=None) -> int:
                         batch_size=args.batch_size)
     optimizer = make_optimizer(optim, params)
     mesh = data_mesh()
-    compiled = compile_train_step(train_cfg, optim, StepConfig(seed=args.seed, click_rounds=args.click_rounds,
-                                                      remat_rounds=False), params, buffers, mesh,
+    compiled = compile_train_step(train_cfg, optim, StepConfig(
+        seed=args.seed, click_rounds=args.click_rounds, remat_rounds=False,
+        center_click_prob=args.center_click_prob), params, buffers, mesh,
                                   optimizer=optimizer, batch_keys=FEATURE_BATCH_KEYS)
     ckpt = TrainCheckpointer(os.path.join(args.workdir, "checkpoints"),
                              save_every=args.save_every, keep=3)

@@ -137,6 +137,35 @@ def test_add_click_positive_in_missed_region_negative_in_spill():
     assert (spill[0][c[:, 1], c[:, 0]] & ~gt[0][c[:, 1], c[:, 0]]).all()
 
 
+def test_deepest_cells_is_the_interior_most_part_of_each_region():
+    region = np.zeros((3, 16, 16), bool)
+    region[0, 2:9, 3:14] = True  # 7 x 11: three erosions leave row 5, columns 6..10
+    region[0, 10:12, :] = True  # a thin strip touching the map's edge erodes first
+    region[1, 4, 4] = True  # a single cell is its own interior
+    got = np.asarray(sim.deepest_cells(jnp.asarray(region)))
+    assert np.argwhere(got[0]).tolist() == [[5, c] for c in range(6, 11)]
+    assert np.argwhere(got[1]).tolist() == [[4, 4]]
+    assert not got[2].any()
+
+
+def test_add_click_center_prob_one_clicks_the_error_interior():
+    # the prediction misses a 12 x 12 block's right half (12 x 6 cells): the interior-most
+    # cells (two erosions deep) are columns 16..17 of rows 12..19; uniform covers columns 14..19
+    p = 64
+    gt = np.zeros((p, SIDE, SIDE), bool)
+    gt[:, 10:22, 8:20] = True
+    miss = gt.copy()
+    miss[:, :, 14:] = False
+    sizes = np.full((p, 2), S, np.int32)
+    args = (_empty_prompts(p), _logits(miss), jnp.asarray(gt), _inside(sizes), True)
+    center = sim.add_click(jax.random.key(9), *args, center_prob=1.0)
+    c = _cells(np.asarray(center.coords)[:, 2])
+    assert (np.asarray(center.labels)[:, 2] == 1).all()
+    assert set(c[:, 0]) <= {16, 17} and set(c[:, 1]) <= set(range(12, 20))
+    uniform = sim.add_click(jax.random.key(9), *args)
+    assert set(_cells(np.asarray(uniform.coords)[:, 2])[:, 0]) == set(range(14, 20))
+
+
 def test_add_click_nothing_for_perfect_prediction_or_disabled_round():
     p = 8
     rng = np.random.default_rng(3)

@@ -9,6 +9,8 @@ decoder against the same image embedding:
   predicted IoU) are the mask prompt; 8 of the 10 rounds also add one point drawn uniformly from
   the error region (positive where the prediction misses the mask, negative where it spills
   over); the other 2 add nothing: one at a random place among the 8, and the last.
+  Optionally (`center_prob`, 0 in the paper) a click goes instead to the error region's
+  interior-most cells, where the evaluation protocol (RITM's, the paper's) clicks.
 Prompts and mask inputs taken from predictions carry no gradient (they are sampled data).
 
 Tokens use a fixed layout of `NUM_TOKENS` slots so all rounds share one shape: slots 0-1 hold
@@ -112,11 +114,38 @@ def first_prompts(key: jax.Array, gt: jax.Array, boxes: jax.Array, input_size: j
     return Prompts(coords, labels, jnp.zeros((p,), jnp.int32)), use_box
 
 
+def _erode(region: jax.Array) -> jax.Array:
+    """(P, side, side) bool eroded by one cell (4-neighbourhood; outside the map is False)."""
+    padded = jnp.pad(region, ((0, 0), (1, 1), (1, 1)))
+    return (region & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1]
+            & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:])
+
+
+def deepest_cells(region: jax.Array, max_depth: int = 16) -> jax.Array:
+    """The cells of each (side, side) map that survive the most erosions (up to `max_depth`):
+    the interior-most part of the region (a city-block distance-transform maximum; the map's
+    edge counts as boundary). An empty map stays empty."""
+    def body(_, carry):
+        current, deepest = carry
+        current = _erode(current)
+        keep = current.reshape(current.shape[0], -1).any(axis=-1)[:, None, None]
+        return current, jnp.where(keep, current, deepest)
+
+    return jax.lax.fori_loop(0, max_depth, body, (region, region))[1]
+
+
 def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array,
               inside: jax.Array, enabled: jax.Array | bool,
-              input_size: jax.Array | None = None, cell: float = 4.0) -> Prompts:
-    """One click from the error region of `logits` (P, side, side), labelled by the truth."""
+              input_size: jax.Array | None = None, cell: float = 4.0,
+              center_prob: float = 0.0) -> Prompts:
+    """One click from the error region of `logits` (P, side, side), labelled by the truth:
+    uniformly from the region (the paper), or with probability `center_prob` from its
+    interior-most cells (the evaluation's click)."""
     error = ((logits > 0) != gt) & inside
+    if center_prob > 0:
+        key, k_center = jax.random.split(key)
+        to_center = jax.random.bernoulli(k_center, center_prob, (gt.shape[0],))
+        error = jnp.where(to_center[:, None, None], deepest_cells(error), error)
     xy, any_error = sample_pixels(key, error, input_size, cell)
     # the label is the ground truth under the chosen cell: a miss gives a positive click
     at = jnp.clip((xy / cell).astype(jnp.int32), 0, gt.shape[-1] - 1)
@@ -166,14 +195,16 @@ class SimulationOutput(NamedTuple):
 def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: jax.Array,
              valid: jax.Array, input_size: jax.Array, *, remat_rounds: bool = True,
              loss_kwargs: dict | None = None, cell: float = 4.0,
-             click_rounds: int = NUM_CLICK_ROUNDS) -> SimulationOutput:
+             click_rounds: int = NUM_CLICK_ROUNDS,
+             center_prob: float = 0.0) -> SimulationOutput:
     """Runs the 11 rounds (1 + click_rounds + 2 with fewer clicks, to spend a small compute
     budget on more masks) and returns the mean loss over rounds and valid prompts.
 
     decode(coords, labels, mask_logits or None) -> (masks (P, 4, side, side), iou (P, 4)) closes
     over the image embeddings and parameters (gradients flow through it); gt (P, side, side)
     bool; boxes (P, 4) XYXY input frame; valid (P,) bool; input_size (P, 2) resized (h, w);
-    cell: input pixels per low-res cell (`SamConfig.low_res_stride`).
+    cell: input pixels per low-res cell (`SamConfig.low_res_stride`); center_prob: the share
+    of corrective clicks put at the error region's interior (`add_click`).
     """
     if not 1 <= click_rounds <= NUM_CLICK_ROUNDS:
         raise ValueError(f"click_rounds must be in 1..{NUM_CLICK_ROUNDS}, got {click_rounds}")
@@ -192,7 +223,7 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
     def one_round(carry, xs):
         prompts, prev = carry
         adds, k = xs
-        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size, cell)
+        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size, cell, center_prob)
         masks, iou = decode(prompts.coords, prompts.labels, prev)
         cand_m, cand_i = masks[:, :1], iou[:, :1]  # later rounds: the single output
         loss, metrics = sam_loss(cand_m, cand_i, gt, valid, **loss_kwargs)

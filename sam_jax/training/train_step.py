@@ -47,6 +47,9 @@ class StepConfig:
     # Corrective clicks per simulated interaction: the paper's 8 (11 decoder rounds in all);
     # fewer spends a small compute budget on more masks.
     click_rounds: int = 8
+    # Share of corrective clicks at the error region's interior (where the evaluation clicks)
+    # rather than uniform over it (the paper's rule: 0).
+    center_click_prob: float = 0.0
 
 
 def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
@@ -89,7 +92,8 @@ def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
     out = simulate(decode, k_sim, flat(batch["masks"]), flat(batch["boxes"]),
                    flat(batch["mask_valid"]), jnp.repeat(batch["input_size"], n, axis=0),
                    remat_rounds=step_config.remat_rounds, loss_kwargs=loss_kwargs,
-                   cell=model_config.low_res_stride, click_rounds=step_config.click_rounds)
+                   cell=model_config.low_res_stride, click_rounds=step_config.click_rounds,
+                   center_prob=step_config.center_click_prob)
     return out.loss, out.metrics
 
 
