@@ -39,7 +39,9 @@ class SamModel:
     (`sam_jax.sam_model_registry[...]`) return.
 
     Also takes the calls official SAM code makes on its torch model: `sam.to(device)` (in
-    place, returns the model), `sam.eval()` (returns the model), `sam.device`."""
+    place, returns the model), `sam.eval()` (returns the model), `sam.device`,
+    `sam.image_encoder.img_size`, and `sam(batched_input, multimask_output)`
+    (`sam_jax.batched_forward`)."""
 
     config: SamConfig
     variables: Variables
@@ -51,6 +53,17 @@ class SamModel:
     @property
     def mask_threshold(self) -> float:
         return self.config.mask_threshold
+
+    @property
+    def image_encoder(self):
+        """The image encoder's config: official code reads `sam.image_encoder.img_size`."""
+        return self.config.image_encoder
+
+    def __call__(self, batched_input, multimask_output: bool):
+        """The official `Sam.forward`: several images with their prompts in one call."""
+        from .batched_forward import forward  # it imports this module
+
+        return forward(self, batched_input, multimask_output)
 
     @property
     def device(self) -> str:

@@ -92,6 +92,7 @@ class Notebook:
     def run(self, cell):
         code = textwrap.dedent(cell).replace("from sam_jax import",
                                              f"from {self.package} import")
+        code = code.replace("from sam_jax.", f"from {self.package}.")
         if self.package == "segment_anything" and not torch.cuda.is_available():
             code = code.replace('device = "cuda"', 'device = "cpu"')
         with torch.no_grad(), warnings.catch_warnings():
@@ -285,6 +286,110 @@ def test_predictor_notebook(tiny_registered, checkpoint):
                        np=np, torch=torch, CHECKPOINT=checkpoint, image=image)
     assert ours["masks"].shape == (4, 1, 1200, 1800)  # the last cell: 4 boxes, one mask each
     assert isinstance(ours["masks"], jax.Array)
+
+
+# The notebook's last section, "End-to-end batched inference": `sam(batched_input, ...)`.
+# image2 is the notebook's images/groceries.jpg there; here the truck at half size (900x600),
+# with the notebook's image1 boxes halved.
+BATCHED_CELLS = [
+    """
+    image1 = image  # truck.jpg from above
+    image1_boxes = torch.tensor([
+        [75, 275, 1725, 850],
+        [425, 600, 700, 875],
+        [1375, 550, 1650, 800],
+        [1240, 675, 1400, 750],
+    ], device=sam.device)
+
+    image2 = IMAGE2
+    image2_boxes = torch.tensor([
+        [37, 137, 862, 425],
+        [212, 300, 350, 437],
+        [687, 275, 825, 400],
+    ], device=sam.device)
+    """,
+    """
+    from sam_jax.utils.transforms import ResizeLongestSide
+    resize_transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    def prepare_image(image, transform, device):
+        image = transform.apply_image(image)
+        image = torch.as_tensor(image, device=device.device)
+        return image.permute(2, 0, 1).contiguous()
+    """,
+    """
+    batched_input = [
+         {
+             'image': prepare_image(image1, resize_transform, sam),
+             'boxes': resize_transform.apply_boxes_torch(image1_boxes, image1.shape[:2]),
+             'original_size': image1.shape[:2]
+         },
+         {
+             'image': prepare_image(image2, resize_transform, sam),
+             'boxes': resize_transform.apply_boxes_torch(image2_boxes, image2.shape[:2]),
+             'original_size': image2.shape[:2]
+         }
+    ]
+    """,
+    """
+    batched_output = sam(batched_input, multimask_output=False)
+    """,
+    """
+    keys = batched_output[0].keys()
+    masks1, masks2 = batched_output[0]["masks"], batched_output[1]["masks"]
+    iou1, iou2 = batched_output[0]["iou_predictions"], batched_output[1]["iou_predictions"]
+    logits1 = batched_output[0]["low_res_logits"]
+    """,
+]
+
+
+def test_predictor_notebook_batched_inference(tiny_registered, checkpoint):
+    ours, theirs = run_both(PREDICTOR_CELLS[:1] + BATCHED_CELLS,
+                            ["masks1", "masks2", "iou1", "iou2"], np=np, torch=torch,
+                            CHECKPOINT=checkpoint, image=load_truck(),
+                            IMAGE2=load_truck((900, 600)))
+    assert list(ours["keys"]) == list(theirs["keys"]) == ["masks", "iou_predictions",
+                                                          "low_res_logits"]
+    assert ours["masks1"].shape == (4, 1, 1200, 1800)
+    assert ours["masks2"].shape == (3, 1, 600, 900)
+    check_same("low_res_logits", ours["logits1"], theirs["logits1"], atol=ATOLS["logits"])
+
+
+def test_batched_call_mixes_prompt_kinds_and_names_bad_input(model):
+    """Points on one image and a box on another decode in one call, each equal to the
+    predictor's answer for that image."""
+    from sam_jax import SamPredictor
+    from sam_jax.utils.transforms import ResizeLongestSide
+
+    transform = ResizeLongestSide(model.image_encoder.img_size)
+    a, b = load_truck((256, 171)), load_truck((120, 200))
+    point, box = np.array([[[100.0, 80.0]]]), np.array([[10.0, 20.0, 90.0, 150.0]])
+    out = model([
+        {"image": transform.apply_image(a).transpose(2, 0, 1), "original_size": a.shape[:2],
+         "point_coords": transform.apply_coords(point, a.shape[:2]),
+         "point_labels": np.array([[1]])},
+        {"image": transform.apply_image(b).transpose(2, 0, 1), "original_size": b.shape[:2],
+         "boxes": transform.apply_boxes(box, b.shape[:2])},
+    ], multimask_output=True)
+    predictor = SamPredictor(model)
+    for result, image, kwargs in ((out[0], a, dict(point_coords=point[0],
+                                                     point_labels=np.array([1]))),
+                                  (out[1], b, dict(box=box[0]))):
+        predictor.set_image(image)
+        masks, iou, low = predictor.predict(**kwargs)
+        assert result["masks"].shape == (1, 3) + image.shape[:2]
+        np.testing.assert_allclose(np.asarray(result["iou_predictions"])[0], iou, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(result["low_res_logits"])[0], low, atol=1e-4)
+        assert (np.asarray(result["masks"])[0] == masks).mean() >= MIN_AGREEMENT
+    with pytest.raises(ValueError, match="already be resized"):
+        model([{"image": a.transpose(2, 0, 1), "original_size": a.shape[:2],
+                "boxes": box}], multimask_output=False)
+    with pytest.raises(ValueError, match="no prompt"):
+        model([{"image": transform.apply_image(a).transpose(2, 0, 1),
+                "original_size": a.shape[:2]}], multimask_output=False)
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        model([{"image": transform.apply_image(a), "original_size": a.shape[:2],
+                "boxes": box}], multimask_output=False)
 
 
 # ---- notebooks/automatic_mask_generator_example.ipynb --------------------------------------

@@ -25,9 +25,10 @@ class ResizeLongestSide:
         self.target_length = target_length
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 -> resized uint8 with the longest side equal to `target_length`."""
+        """HxWx3 uint8 -> resized uint8 with the longest side equal to `target_length`
+        (a writable array, as the official one: official code hands it to torch.as_tensor)."""
         h, w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
         """(..., 2) (x, y) pixel coordinates in the original image -> model input frame."""
