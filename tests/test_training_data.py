@@ -217,6 +217,24 @@ def test_make_example_layout_boxes_and_low_res():
     assert not ex["masks"][0][-(s // 4 - (h + 3) // 4):].any()  # padding rows are False
 
 
+def test_make_example_low_res_frame_of_a_patch14_backbone():
+    # DINOv2's 448 px input and 128 x 128 low-res grid (stride 3.5): 448x280 image at scale 1;
+    # a mask of columns [0, 224) covers exactly cells 0..63 (cell 63 ends at 224); rows
+    # [0, 280) reach cell 80 (280 / 3.5), the cells below are padding
+    image = np.zeros((280, 448, 3), np.uint8)
+    mask = np.zeros((280, 448), bool)
+    mask[:, :224] = True
+    ex = data.make_example(image, mask[None], 448, 2, np.random.default_rng(0),
+                           low_res_size=128)
+    assert ex["masks"].shape == (2, 128, 128)
+    expected = np.zeros((128, 128), bool)
+    expected[:80, :64] = True
+    np.testing.assert_array_equal(ex["masks"][0], expected)
+    # at stride 4 the default frame is unchanged: S/4 cells
+    assert data.make_example(image, mask[None], 448, 2,
+                             np.random.default_rng(0))["masks"].shape == (2, 112, 112)
+
+
 def test_make_example_subset_and_record_path(tmp_path):
     masks = np.stack([_rect(H, W, i, i + 8, 2 * i, 2 * i + 8) for i in range(10)])
     ex = data.make_example(np.zeros((H, W, 3), np.uint8), masks, 64, 4,

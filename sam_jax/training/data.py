@@ -6,13 +6,16 @@ An example (`make_example`), with S the model's input size:
                                   (`resize_and_pad`; the train step normalizes it with
                                   `normalize_padded`, as inference does)
   "input_size": (2,) int32        (h, w) after resizing, before padding
-  "masks":      (M, S/4, S/4) bool  ground truth in the mask decoder's low-res frame, which
-                                  covers the padded S x S input at stride 4
+  "masks":      (M, L, L) bool    ground truth in the mask decoder's low-res frame, which
+                                  covers the padded S x S input at stride S/L (L =
+                                  `SamConfig.low_res_size`: S/4 for SAM's ViT, 4 cells per
+                                  patch; 128 at S = 448 for a patch-14 backbone, stride 3.5)
   "boxes":      (M, 4) float32    the original mask's tight XYXY box (inclusive pixel indexes,
                                   as `masks_to_boxes`) mapped with `apply_boxes`
   "mask_valid": (M,) bool
 
-Low-res masks: low-res pixel (r, c) covers input pixels [4r, 4r+4) x [4c, 4c+4), which map back
+Low-res masks (stride t = S/L): low-res pixel (r, c) covers input pixels [tr, tr+t) x
+[tc, tc+t), which map back
 to an area of the original image; the pixel is True when at least half of the original pixels
 (by their centres) in that area are in the mask, the part of the cell over the padding counting
 as background. This is one PIL box-filter resize of the original mask (a few ms for an SA-1B
@@ -59,21 +62,30 @@ MAX_AREA_FRACTION = 0.9
 LOW_RES_STRIDE = 4
 
 
-def low_res_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """(H, W) bool mask in the original frame -> (S/4, S/4) bool in the low-res frame (see the
-    module docstring)."""
+def low_res_side(image_size: int, low_res_size: int | None) -> int:
+    """The low-res side L: `low_res_size`, or S/4 (SAM's ViT) when None."""
+    return image_size // LOW_RES_STRIDE if low_res_size is None else int(low_res_size)
+
+
+def low_res_mask(mask: np.ndarray, image_size: int,
+                 low_res_size: int | None = None) -> np.ndarray:
+    """(H, W) bool mask in the original frame -> (L, L) bool in the low-res frame (see the
+    module docstring; L = `low_res_size`, S/4 when None)."""
+    side = low_res_side(image_size, low_res_size)
+    stride = image_size / side
     big_h, big_w = mask.shape
     h, w = ResizeLongestSide.get_preprocess_shape(big_h, big_w, image_size)
-    lh, lw = -(-h // LOW_RES_STRIDE), -(-w // LOW_RES_STRIDE)  # cells touching the image
+    # cells touching the image (a tiny epsilon keeps 448 / 3.5 from rounding up to 129)
+    lh, lw = (min(side, int(np.ceil(n / stride - 1e-9))) for n in (h, w))
     # the cells' extent in original pixels; it may pass the image edge (cells over padding)
-    y1, x1 = lh * LOW_RES_STRIDE * big_h / h, lw * LOW_RES_STRIDE * big_w / w
+    y1, x1 = lh * stride * big_h / h, lw * stride * big_w / w
     # worked on transposed (RLE masks are column-major, so `mask.T` is the cheap copy), always,
     # so that every caller gets the same bits from PIL's two rounding passes
     padded = np.zeros((int(np.ceil(x1)) + 1, int(np.ceil(y1)) + 1), np.uint8)
     padded[:big_w, :big_h] = mask.T
     padded *= 255
     small = Image.fromarray(padded).resize((lh, lw), Image.BOX, box=(0, 0, y1, x1))
-    out = np.zeros((image_size // LOW_RES_STRIDE,) * 2, bool)
+    out = np.zeros((side, side), bool)
     out[:lh, :lw] = np.asarray(small).T >= 128
     return out
 
@@ -85,13 +97,14 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
 
 
 def _build_example(image: np.ndarray, n_masks: int, get_mask: Callable[[int], np.ndarray],
-                   image_size: int, max_masks: int, rng: np.random.Generator) -> dict[str, Any]:
+                   image_size: int, max_masks: int, rng: np.random.Generator,
+                   low_res_size: int | None = None) -> dict[str, Any]:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     big_h, big_w = image.shape[:2]
     transform = ResizeLongestSide(image_size)
     padded, input_size = resize_and_pad(image, image_size)
-    low = image_size // LOW_RES_STRIDE
+    low = low_res_side(image_size, low_res_size)
     masks = np.zeros((max_masks, low, low), bool)
     boxes = np.zeros((max_masks, 4), np.float32)
     valid = np.zeros((max_masks,), bool)
@@ -105,7 +118,7 @@ def _build_example(image: np.ndarray, n_masks: int, get_mask: Callable[[int], np
         area = int(np.count_nonzero(mask))
         if area == 0 or area > MAX_AREA_FRACTION * big_h * big_w:
             continue
-        lr = low_res_mask(mask, image_size)
+        lr = low_res_mask(mask, image_size, low)
         if not lr.any():
             continue
         masks[n] = lr
@@ -117,21 +130,24 @@ def _build_example(image: np.ndarray, n_masks: int, get_mask: Callable[[int], np
 
 
 def make_example(image: np.ndarray, masks: np.ndarray, image_size: int, max_masks: int,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+                 rng: np.random.Generator,
+                 low_res_size: int | None = None) -> dict[str, np.ndarray]:
     """(H, W, 3) uint8 RGB image and (N, H, W) bool masks -> one training example (layout in
     the module docstring)."""
     masks = np.asarray(masks, bool)
-    return _build_example(image, len(masks), lambda i: masks[i], image_size, max_masks, rng)
+    return _build_example(image, len(masks), lambda i: masks[i], image_size, max_masks, rng,
+                          low_res_size)
 
 
 def example_from_record(record: dict[str, Any], image_size: int, max_masks: int,
-                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+                        rng: np.random.Generator,
+                        low_res_size: int | None = None) -> dict[str, np.ndarray]:
     """Same as `make_example(*decode_record(record)[:2], ...)` with the same rng, but decodes
     only the RLEs it visits."""
     image = datasets.decode_image(record)
     rles = datasets.record_rles(record)
     return _build_example(image, len(rles), lambda i: amg.rle_to_mask(rles[i]), image_size,
-                          max_masks, rng)
+                          max_masks, rng, low_res_size)
 
 
 def default_worker_count() -> int:
@@ -227,17 +243,19 @@ class LocalExample:
     processes; `TrainLoader.local_batch` calls the same object, so both paths decode alike."""
 
     def __init__(self, source, order: EpochOrder, local_batch_size: int, first_row: int,
-                 image_size: int, max_masks: int):
+                 image_size: int, max_masks: int, low_res_size: int | None = None):
         self.source, self.order = ReopenedTfdsSource.wrap(source), order
         self.local_batch_size, self.first_row = local_batch_size, first_row
         self.image_size, self.max_masks = image_size, max_masks
+        self.low_res_size = low_res_size
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         step, local_row = divmod(int(index), self.local_batch_size)
         row = self.first_row + local_row
         record = self.source[self.order(step, row)]
         rng = np.random.default_rng([self.order.seed, step, row])
-        return example_from_record(record, self.image_size, self.max_masks, rng)
+        return example_from_record(record, self.image_size, self.max_masks, rng,
+                                   self.low_res_size)
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -270,7 +288,7 @@ class TrainLoader:
     def __init__(self, source, global_batch_size: int, image_size: int = 1024,
                  max_masks: int = 64, seed: int = 0, process_index: int | None = None,
                  process_count: int | None = None, num_workers: int = 1, prefetch: int = 2,
-                 worker_count: int | None = None):
+                 worker_count: int | None = None, low_res_size: int | None = None):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -282,7 +300,7 @@ class TrainLoader:
                              f"multiple of the process count {process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process index {process_index} not in [0, {process_count})")
-        if image_size % LOW_RES_STRIDE:
+        if low_res_size is None and image_size % LOW_RES_STRIDE:
             raise ValueError(f"image_size {image_size} must be a multiple of {LOW_RES_STRIDE}")
         if worker_count is not None and worker_count < 0:
             raise ValueError(f"worker_count must be >= 0 (0: no worker process), got "
@@ -297,7 +315,7 @@ class TrainLoader:
         self._order = EpochOrder(len(source), global_batch_size, seed)
         self._example = LocalExample(source, self._order, self.local_batch_size,
                                      process_index * self.local_batch_size, image_size,
-                                     max_masks)
+                                     max_masks, low_res_size)
         self._iterators: weakref.WeakSet = weakref.WeakSet()
 
     def __len__(self) -> int:

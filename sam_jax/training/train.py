@@ -239,7 +239,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     loader = TrainLoader(train_source, cfg.batch_size, image_size=cfg.model.image_size,
                          max_masks=cfg.data.max_masks, seed=cfg.step.seed,
                          num_workers=cfg.data.num_workers,
-                         worker_count=cfg.data.worker_count)
+                         worker_count=cfg.data.worker_count,
+                         low_res_size=cfg.model.low_res_size)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     bar = None
     if progress and jax.process_index() == 0:
