@@ -143,14 +143,14 @@ def _plot(log: MetricsLog, cfg: TrainConfig) -> None:
 
 
 def plot_curves(records: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: switching pyplot's backend here would silence the plots of
+    # a notebook that trains and then draws.
+    from matplotlib.figure import Figure
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     if train:
         steps = [r["step"] for r in train]
         axes[0].plot(steps, [r["loss"] for r in train], label="loss")
@@ -170,7 +170,6 @@ def plot_curves(records: list[dict[str, Any]], path: str) -> None:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _evaluate(cfg: TrainConfig, params, buffers, source, step: int) -> dict[str, Any] | None:
