@@ -50,7 +50,7 @@ def load(path: str | os.PathLike | None = None, model_type: str = "auto",
     Also turns on JAX's persistent compilation cache (`sam_jax.compilation_cache`; off with
     SAM_JAX_NO_COMPILATION_CACHE=1), so a later process skips most compiling."""
     from . import compilation_cache
-    from .checkpoints import load_variables
+    from .checkpoints import generator_defaults, load_variables
     from .hub import resolve
 
     if path is None:
@@ -65,7 +65,7 @@ def load(path: str | os.PathLike | None = None, model_type: str = "auto",
         path = resolve(path)
     compilation_cache.enable()
     config, variables = load_variables(path, model_type=model_type, config=config)
-    return SamModel(config, variables)
+    return SamModel(config, variables, generator_defaults(path))
 
 
 # ---- the official builders (segment_anything/build_sam.py), here because they call `load` ----

@@ -170,10 +170,26 @@ def _kept_masks(low_res, index, start, *, chunk, input_size, crop_size, image_si
                                        threshold=threshold)
 
 
+# The official defaults, for SAM's weights. A checkpoint may recommend others for its model
+# (`SamModel.generator_defaults`); an explicit argument always wins.
+OFFICIAL_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+                       "stability_score_offset": 1.0}
+
+
+def resolve_thresholds(model: SamModel, **given: Optional[float]) -> Dict[str, float]:
+    """Each of OFFICIAL_THRESHOLDS' options: as given, else the model's recommendation, else
+    the official default."""
+    recommended = getattr(model, "generator_defaults", {}) or {}
+    return {name: float(given[name] if given.get(name) is not None
+                        else recommended.get(name, default))
+            for name, default in OFFICIAL_THRESHOLDS.items()}
+
+
 class SamAutomaticMaskGenerator:
     def __init__(self, model: SamModel, points_per_side: Optional[int] = 32,
-                 points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
-                 stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
+                 points_per_batch: int = 64, pred_iou_thresh: Optional[float] = None,
+                 stability_score_thresh: Optional[float] = None,
+                 stability_score_offset: Optional[float] = None,
                  box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
                  crop_n_points_downscale_factor: int = 1,
@@ -181,7 +197,10 @@ class SamAutomaticMaskGenerator:
                  min_mask_region_area: int = 0, output_mode: str = "binary_mask") -> None:
         """Options and defaults as the official `SamAutomaticMaskGenerator` (see its
         docstring); `model` is what `sam_jax.load` returns. Invalid options raise ValueError
-        naming the option."""
+        naming the option. `pred_iou_thresh`, `stability_score_thresh` and
+        `stability_score_offset` left at None take the model's recommended values
+        (`model.generator_defaults`, which the bundled model's checkpoint sets) or else the
+        official 0.88, 0.95 and 1.0."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side or point_grids")
         if points_per_side is not None:
@@ -211,9 +230,12 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         self.predictor = SamPredictor(model)
         self.points_per_batch = int(points_per_batch)
-        self.pred_iou_thresh = float(pred_iou_thresh)
-        self.stability_score_thresh = float(stability_score_thresh)
-        self.stability_score_offset = float(stability_score_offset)
+        thresholds = resolve_thresholds(model, pred_iou_thresh=pred_iou_thresh,
+                                        stability_score_thresh=stability_score_thresh,
+                                        stability_score_offset=stability_score_offset)
+        self.pred_iou_thresh = thresholds["pred_iou_thresh"]
+        self.stability_score_thresh = thresholds["stability_score_thresh"]
+        self.stability_score_offset = thresholds["stability_score_offset"]
         self.box_nms_thresh = float(box_nms_thresh)
         self.crop_n_layers = int(crop_n_layers)
         self.crop_nms_thresh = float(crop_nms_thresh)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,10 @@ class SamModel:
 
     config: SamConfig
     variables: Variables
+    # Thresholds for the automatic mask generator that the checkpoint recommends for this
+    # model (`checkpoints.read_generator_defaults`); empty for SAM's own weights, whose
+    # thresholds are the official defaults.
+    generator_defaults: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def image_size(self) -> int:

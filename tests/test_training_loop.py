@@ -92,7 +92,11 @@ def _train_cmd(config):
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
     steps = 40
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # one persistent XLA cache for the 3 runs: the 2nd and 3rd load the step the 1st compiled
+    # (compiling is most of a run's time; a loaded executable computes the same bits)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     subprocess.run(_train_cmd(_write_config(tmp_path, straight, steps)), check=True, env=env,
                    timeout=600)
 

@@ -28,13 +28,14 @@ import numpy as np
 from ..configs import SamConfig, get_config
 from .convert import (StateDict, convert_state_dict, detect_model_type, hf_to_official,
                       is_hf_layout)
-from .converted import Variables, load_converted, read_config, save_converted
+from .converted import (Variables, load_converted, read_config, read_generator_defaults,
+                        save_converted)
 from .errors import CheckpointError
 from .pth import load_pth, tensor_items
 from .safetensors_file import load_safetensors
 
 __all__ = ["CheckpointError", "convert_checkpoint", "load_converted", "load_variables",
-           "read_checkpoint", "read_config", "save_converted"]
+           "read_checkpoint", "read_config", "read_generator_defaults", "save_converted"]
 
 
 def _unwrap(obj: Any, source: str) -> Any:
@@ -67,6 +68,15 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[StateDict, str]:
     if is_hf_layout(state_dict):
         return hf_to_official(state_dict, path), f"{fmt}:hf"
     return state_dict, f"{fmt}:official"
+
+
+def generator_defaults(path: str | os.PathLike) -> dict:
+    """The generator thresholds a checkpoint recommends (`read_generator_defaults`): only
+    converted directories carry any; {} for everything else."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return read_generator_defaults(path)
+    return {}
 
 
 def load_variables(path: str | os.PathLike, model_type: str = "auto",

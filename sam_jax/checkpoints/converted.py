@@ -24,7 +24,7 @@ from .errors import CheckpointError
 from .quantize import SCALES, dequantize_variables, saved_abstract
 
 FORMAT = "sam_jax-orbax-1"
-_EXTRA_FIELDS = ("model_type", "source", "format")
+_EXTRA_FIELDS = ("model_type", "source", "format", "generator_defaults")
 Variables = Dict[str, Any]
 
 
@@ -80,6 +80,20 @@ def read_config(ckpt_dir: str | os.PathLike) -> Tuple[SamConfig, Dict[str, Any]]
         return SamConfig.from_dict(info), extra
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})")
+
+
+def read_generator_defaults(ckpt_dir: str | os.PathLike) -> Dict[str, float]:
+    """The automatic mask generator thresholds a converted checkpoint recommends for its
+    model ("generator_defaults" in config.json: measured on held-out data for a model whose
+    predicted IoUs and logits are not scaled like SAM's), or {} when it names none."""
+    _, extra = read_config(ckpt_dir)
+    raw = extra.get("generator_defaults") or {}
+    allowed = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset")
+    if not isinstance(raw, dict) or not set(raw) <= set(allowed) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()):
+        raise CheckpointError(f"{ckpt_dir}: config.json generator_defaults must map some of "
+                              f"{allowed} to numbers, got {raw!r}")
+    return {k: float(v) for k, v in raw.items()}
 
 
 def load_converted(ckpt_dir: str | os.PathLike,

@@ -170,6 +170,6 @@ def load_model(args):
              f"directory, which carries its own config ({name})")
     dtype = getattr(args, "compute_dtype", None)
     if dtype and dtype != model.config.compute_dtype:
-        from ..inference import SamModel
-        model = SamModel(model.config.replace(compute_dtype=dtype), model.variables)
+        import dataclasses
+        model = dataclasses.replace(model, config=model.config.replace(compute_dtype=dtype))
     return model

@@ -30,6 +30,11 @@ from .common import (MODEL_TYPE_CHOICES, CliError, add_compute_dtype, check_chec
 
 # the JSON's top-level key for how it was made (kept by SA-1B readers, which ignore it)
 RECORD_KEY = "sam_jax"
+# The generator's three thresholds and their official defaults. Defined here, not imported
+# from automatic_mask_generator (which imports jax): `sam-jax --help` stays quick. A test checks
+# the two agree.
+OFFICIAL_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+                       "stability_score_offset": 1.0}
 # thresholds suggested when an image gets no mask
 _HINT = {"pred_iou_thresh": 0.7, "stability_score_thresh": 0.85}
 
@@ -55,16 +60,20 @@ def add_parser(sub) -> None:
                      help="also write OUT_DIR/<stem>.png with every mask drawn in a color")
     gen.add_argument("--overwrite", action="store_true",
                      help="redo every image, also those whose JSON records the same options")
-    defaults = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
-                    stability_score_thresh=0.95, stability_score_offset=1.0,
-                    box_nms_thresh=0.7, crop_n_layers=0, crop_nms_thresh=0.7,
-                    crop_overlap_ratio=512 / 1500, crop_n_points_downscale_factor=1,
-                    min_mask_region_area=0)
+    defaults = dict(points_per_side=32, points_per_batch=64, box_nms_thresh=0.7,
+                    crop_n_layers=0, crop_nms_thresh=0.7, crop_overlap_ratio=512 / 1500,
+                    crop_n_points_downscale_factor=1, min_mask_region_area=0)
     for name, value in defaults.items():
         gen.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                          help=f"as SamAutomaticMaskGenerator (default {value:g})")
+    for name, value in OFFICIAL_THRESHOLDS.items():
+        gen.add_argument("--" + name.replace("_", "-"), type=float, default=None,
+                         help="as SamAutomaticMaskGenerator (default: what the checkpoint "
+                         f"recommends for its model, e.g. the bundled model's, else SAM's "
+                         f"{value:g})")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    gen.set_defaults(run=run_generate, generator_options=list(defaults))
+    gen.set_defaults(run=run_generate,
+                     generator_options=list(defaults) + list(OFFICIAL_THRESHOLDS))
 
 
 def run_options(args) -> dict:
@@ -92,6 +101,21 @@ def _state(json_path: str, options: dict) -> str:
     return "same" if isinstance(record, dict) and record.get("options") == options else "other"
 
 
+def _resolve_thresholds(args, checkpoint: str) -> None:
+    """Thresholds not given on the command line: the checkpoint's recommendation for its model
+    (a converted directory's config.json; the bundled model has one), else SAM's defaults.
+    Resolved before the run's options are recorded, so a JSON says what was used."""
+    from ..checkpoints import CheckpointError, generator_defaults
+
+    try:
+        recommended = generator_defaults(checkpoint) if os.path.exists(checkpoint) else {}
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    for name, default in OFFICIAL_THRESHOLDS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, recommended.get(name, default))
+
+
 def _no_mask_hint(args) -> str:
     lower = {name: value for name, value in _HINT.items() if getattr(args, name) > value}
     now = ", ".join(f"--{n.replace('_', '-')} {getattr(args, n):g}" for n in _HINT)
@@ -111,7 +135,7 @@ def run_generate(args) -> int:
 
     images = collect_images(args.inputs)
     check_distinct_outputs({p: [_json_path(args.output, p)] for p in images})
-    check_checkpoint(args)
+    _resolve_thresholds(args, check_checkpoint(args))
     ensure_writable_dir(args.output)
     remove_stale_temporaries(args.output)  # from a run that was killed mid-write
     options = run_options(args)
