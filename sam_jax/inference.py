@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -387,9 +387,8 @@ def _entry_prompts(entry: dict, i: int) -> dict[str, Any]:
 
 
 def forward_batched(model: SamModel, batched_input: Sequence[dict],
-            multimask_output: bool) -> list[dict[str, Any]]:
-    """The official `Sam.forward`, behind `sam(batched_input, multimask_output)`.
-    The official `Sam.forward(batched_input, multimask_output)`: several images, each with its
+                    multimask_output: bool) -> list[dict[str, Any]]:
+    """The official `Sam.forward(batched_input, multimask_output)`: several images, each with its
     own prompts, in one call (`sam(batched_input, multimask_output=False)` in the official
     predictor notebook's "end-to-end batched inference").
 
