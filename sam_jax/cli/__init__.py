@@ -9,6 +9,7 @@
   sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
                    [--compute-dtype float32|bfloat16] [--overwrite]
   sam-jax train --config CONFIG [KEY=VALUE ...]
+  sam-jax eval points|stats ...   (the paper's experiments; see eval.py)
 
 Without --checkpoint, segment and generate use the model bundled in the package
 (sam_jax/weights/sam_dinov2_s: a pretrained DINOv2 ViT-S/14 backbone with SAM's prompt encoder
@@ -49,7 +50,8 @@ see one for an unexpected internal error). Exit status: 0 success, 2 a bad comma
 a label other than 0/1, no prompt, a prompt outside the image), 1 anything else (missing or
 unreadable image or checkpoint, a checkpoint of the wrong kind, a failed write).
 
-Layout: one module per command (`convert.py`, `segment.py`, `generate.py`, `train.py`), each
+Layout: one module per command (`convert.py`, `segment.py`, `generate.py`, `train.py`,
+`eval.py`), each
 importing only `common.py` (the shared pieces) and library modules, never another command;
 this module composes them into one parser and reports their errors.
 """
@@ -61,7 +63,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import convert, download, generate, segment, train
+from . import convert, download, eval as eval_, generate, segment, train
 from .common import PROG, CliError
 
 _MAX_DETAIL_LINES = 12
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # one module per command, each knowing only .common; their order is the order in --help
-    for command in (convert, download, segment, generate, train):
+    for command in (convert, download, segment, generate, train, eval_):
         command.add_parser(sub)
     return parser
 

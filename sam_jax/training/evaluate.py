@@ -16,32 +16,15 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-from scipy import ndimage
 
+from ..evaluation.clicks import farthest_from_boundary, mask_iou, next_click
 from ..inference import SamModel
 from ..predictor import SamPredictor
 
 
-def _farthest_from_boundary(region: np.ndarray) -> tuple[tuple[int, int], float]:
-    """(x, y) of the pixel of `region` farthest from its boundary (image borders count as
-    boundary), and that distance (0 when the region is empty)."""
-    if not region.any():
-        return (0, 0), 0.0
-    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(np.argmax(dist), dist.shape)
-    return (int(x), int(y)), float(dist[y, x])
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[int, int], int]:
-    """The RITM-style corrective click for prediction `pred` of mask `gt`."""
-    fn_xy, fn_d = _farthest_from_boundary(gt & ~pred)
-    fp_xy, fp_d = _farthest_from_boundary(pred & ~gt)
-    return (fn_xy, 1) if fn_d >= fp_d else (fp_xy, 0)
+# The protocol's pieces live in sam_jax.evaluation.clicks; these names stay for callers.
+_farthest_from_boundary = farthest_from_boundary
+iou = mask_iou
 
 
 def click_ious(predictor: SamPredictor, gt: np.ndarray, num_clicks: int) -> dict:
