@@ -292,3 +292,33 @@ def test_cli_points_bad_input_is_one_line(tmp_path, capsys):
                       "-o", tmp_path), 1, "does not exist")
     assert_error(call(capsys, "eval", "points", "--clicks", "0,2", "--sa1b", tmp_path,
                       "-o", tmp_path), 2, "--clicks")
+
+
+def test_cli_sizes_compares_checkpoints_in_one_table(tiny_model, tmp_path, capsys):
+    import dataclasses
+
+    from random_weights import random_variables
+    from sam_jax.checkpoints import save_converted
+
+    other = dataclasses.replace(tiny_model, variables=random_variables(tiny_model.config, 5))
+    save_converted(tiny_model.variables, tiny_model.config, tmp_path / "a")
+    save_converted(other.variables, other.config, tmp_path / "b")
+    images, masks = _mask_folder(tmp_path, n=3)
+    out = tmp_path / "out"
+    status, stdout, err = call(capsys, "eval", "sizes", "--model", f"first={tmp_path / 'a'}",
+                               "--model", f"second={tmp_path / 'b'}", "--images", images,
+                               "--masks", masks, "--clicks", "1,2", "-o", out, "-q")
+    assert status == 0, err
+    report = json.loads((out / "sizes.json").read_text())
+    assert list(report) == ["first", "second"]
+    params = sum(np.size(x) for x in
+                 __import__("jax").tree.leaves(tiny_model.variables["params"]["image_encoder"]))
+    assert report["first"]["encoder_params"] == params
+    assert report["first"]["embed_seconds_median"] > 0  # 2 timed images (the first compiles)
+    # different weights, different answers: each row is its own model's evaluation
+    assert report["first"]["miou"] != report["second"]["miou"]
+    assert "| first |" in stdout and "| second |" in stdout
+    assert Image.open(out / "sizes.png").size == (1200, 480)
+    assert_error(call(capsys, "eval", "sizes", "--model", f"x={tmp_path / 'a'}", "--model",
+                      f"x={tmp_path / 'b'}", "--images", images, "--masks", masks, "-o", out),
+                 2, "named 'x'")

@@ -4,6 +4,7 @@ of all numbers and a PNG of the paper's plot into -o OUT_DIR and printing a tabl
   sam-jax eval points (--data SPEC ... | --images DIR --masks DIR | --coco JSON --images DIR |
                        --sa1b DIR) [--clicks 1,2,3,5,9] [--first-point center|random]
                       [--ignore-value V] [--checkpoint PATH] -o OUT_DIR
+  sam-jax eval sizes --model [NAME=]CHECKPOINT --model ... (dataset options as points) -o OUT_DIR
   sam-jax eval stats SA1B_DIR... -o OUT_DIR
 
 A dataset SPEC is `[NAME=]masks:IMAGES_DIR,MASKS_DIR`, `[NAME=]coco:ANNOTATIONS_JSON,IMAGES_DIR`
@@ -39,29 +40,22 @@ def add_parser(sub) -> None:
     tasks.required = True
 
     pts = tasks.add_parser("points", help="point-to-mask mIoU after 1..N points (SAM §7.1)")
-    pts.add_argument("--data", action="append", default=[], metavar="SPEC",
-                     help="a dataset: [NAME=]masks:IMAGES,MASKS | [NAME=]coco:JSON,IMAGES | "
-                     "[NAME=]sa1b:DIR[,IMAGES] (repeat for several)")
-    pts.add_argument("--images", help="image folder (with --masks or --coco)")
-    pts.add_argument("--masks", help="mask folder: binary or instance PNGs named as the images")
-    pts.add_argument("--coco", metavar="JSON", help="COCO/LVIS instance annotations")
-    pts.add_argument("--sa1b", metavar="DIR", help="SA-1B JSON folder (images beside them)")
-    pts.add_argument("--ignore-value", type=int, default=None, metavar="V",
-                     help="mask value of pixels that count neither way (e.g. 255)")
-    pts.add_argument("--clicks", type=_clicks, default=(1, 2, 3, 5, 9),
-                     help="point counts to report (default 1,2,3,5,9)")
-    pts.add_argument("--first-point", choices=("center", "random"), default="center",
-                     help="the first point at the mask's center (distance-transform maximum, "
-                     "default) or a uniformly random mask pixel")
-    pts.add_argument("--seed", type=int, default=0, help="for --first-point random")
-    pts.add_argument("--max-images", type=int, default=None, help="first N images per dataset")
-    pts.add_argument("--objects-per-call", type=int, default=16,
-                     help="objects of an image decoded in one batched call")
-    pts.add_argument("--examples", type=int, default=3, help="objects drawn per dataset")
+    _dataset_options(pts)
     _model_options(pts)
     pts.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
     pts.add_argument("-q", "--quiet", action="store_true")
     pts.set_defaults(run=run_points)
+
+    sz = tasks.add_parser("sizes", help="the same point evaluation over several checkpoints "
+                          "with encoder size and time (SAM Fig. 13)")
+    sz.add_argument("--model", action="append", default=[], metavar="[NAME=]CHECKPOINT",
+                    required=True, help="a checkpoint to compare (repeat); 'default' is the "
+                    "bundled model")
+    _dataset_options(sz)
+    add_compute_dtype(sz)
+    sz.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
+    sz.add_argument("-q", "--quiet", action="store_true")
+    sz.set_defaults(run=run_sizes, examples=0)
 
     st = tasks.add_parser("stats", help="SA-1B mask statistics (SAM Fig. 5-6)")
     st.add_argument("folders", nargs="+", metavar="SA1B_DIR")
@@ -70,6 +64,28 @@ def add_parser(sub) -> None:
     st.add_argument("-q", "--quiet", action="store_true")
     st.set_defaults(run=run_stats)
 
+
+
+def _dataset_options(parser) -> None:
+    parser.add_argument("--data", action="append", default=[], metavar="SPEC",
+                     help="a dataset: [NAME=]masks:IMAGES,MASKS | [NAME=]coco:JSON,IMAGES | "
+                     "[NAME=]sa1b:DIR[,IMAGES] (repeat for several)")
+    parser.add_argument("--images", help="image folder (with --masks or --coco)")
+    parser.add_argument("--masks", help="mask folder: binary or instance PNGs named as the images")
+    parser.add_argument("--coco", metavar="JSON", help="COCO/LVIS instance annotations")
+    parser.add_argument("--sa1b", metavar="DIR", help="SA-1B JSON folder (images beside them)")
+    parser.add_argument("--ignore-value", type=int, default=None, metavar="V",
+                     help="mask value of pixels that count neither way (e.g. 255)")
+    parser.add_argument("--clicks", type=_clicks, default=(1, 2, 3, 5, 9),
+                     help="point counts to report (default 1,2,3,5,9)")
+    parser.add_argument("--first-point", choices=("center", "random"), default="center",
+                     help="the first point at the mask's center (distance-transform maximum, "
+                     "default) or a uniformly random mask pixel")
+    parser.add_argument("--seed", type=int, default=0, help="for --first-point random")
+    parser.add_argument("--max-images", type=int, default=None, help="first N images per dataset")
+    parser.add_argument("--objects-per-call", type=int, default=16,
+                     help="objects of an image decoded in one batched call")
+    parser.add_argument("--examples", type=int, default=3, help="objects drawn per dataset")
 
 
 def _model_options(parser) -> None:
@@ -142,8 +158,9 @@ def run_points(args) -> int:
     plot_points_examples(examples, os.path.join(args.out, "points_examples.png"), result.clicks)
     print(result.format_table())
     total = sum(result.images.values())
-    print(f"{total} images in {result.seconds:.1f} s ({total / result.seconds:.2f} images/s); "
-          f"wrote {args.out}/points.json, points_curve.png, points_examples.png")
+    print(f"{total} images in {result.seconds:.1f} s ({total / result.seconds:.2f} images/s, "
+          f"image encoder {result.embed_median:.3f} s/image median); wrote "
+          f"{args.out}/points.json, points_curve.png, points_examples.png")
     return 0
 
 
@@ -161,4 +178,36 @@ def run_stats(args) -> int:
     plot_mask_stats(stats, os.path.join(args.out, "stats.png"))
     print(json.dumps(summary, indent=1))
     info(args, f"wrote {args.out}/stats.json and stats.png")
+    return 0
+
+
+def run_sizes(args) -> int:
+    import argparse
+
+    from ..evaluation.model_sizes import (compare_models, format_rows, plot_model_sizes,
+                                          rows_to_json)
+
+    datasets = _datasets(args)
+    ensure_writable_dir(args.out)
+    models = {}
+    for spec in args.model:
+        name, _, path = spec.rpartition("=")
+        name = name or os.path.basename(os.path.normpath(path))
+        if name in models:
+            raise CliError(f"two --model flags are named {name!r}: name them NAME=PATH",
+                           status=2)
+        one = argparse.Namespace(checkpoint=None if path == "default" else path,
+                                 model_type="auto", compute_dtype=args.compute_dtype,
+                                 quiet=args.quiet)
+        models[name] = load_model(one)
+    try:
+        rows = compare_models(models, datasets, args.clicks, first_point=args.first_point,
+                              seed=args.seed, objects_per_call=args.objects_per_call,
+                              progress=not args.quiet)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    _write_json(os.path.join(args.out, "sizes.json"), rows_to_json(rows))
+    plot_model_sizes(rows, os.path.join(args.out, "sizes.png"))
+    print(format_rows(rows))
+    info(args, f"wrote {args.out}/sizes.json and sizes.png")
     return 0

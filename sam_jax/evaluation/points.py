@@ -40,11 +40,14 @@ class ObjectClicks:
 
 def evaluate_image(predictor, image: EvalImage, num_clicks: int, *,
                    first_point: str = "center", rng: Optional[np.random.Generator] = None,
-                   objects_per_call: int = 16, keep_masks: bool = False) -> List[ObjectClicks]:
-    """Runs the protocol for every object of `image` (already set on `predictor` or not)."""
+                   objects_per_call: int = 16, keep_masks: bool = False,
+                   image_is_set: bool = False) -> List[ObjectClicks]:
+    """Runs the protocol for every object of `image` (embedding it first unless
+    `image_is_set`)."""
     if num_clicks < 1:
         raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
-    predictor.set_image(image.image)
+    if not image_is_set:
+        predictor.set_image(image.image)
     valid = None if image.ignore is None else ~image.ignore
     out: List[ObjectClicks] = []
     keep = [i for i, m in enumerate(image.masks)
@@ -89,6 +92,13 @@ class PointsResult:
     objects: Dict[str, List[ObjectClicks]]
     images: Dict[str, int]
     seconds: float
+    # the image encoder's wall time per image (set_image, to the embedding's completion),
+    # the first image left out (it includes compiling)
+    embed_seconds: List[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def embed_median(self) -> float:
+        return float(np.median(self.embed_seconds)) if self.embed_seconds else float("nan")
 
     def miou(self, dataset: str, n: int) -> float:
         rows = self.objects[dataset]
@@ -119,6 +129,7 @@ class PointsResult:
                              "first_click": "multimask, highest predicted IoU (oracle: best)",
                              "later_clicks": "single output, previous logits as mask prompt"},
                 "results": self.table(), "seconds": self.seconds,
+                "embed_seconds_median": self.embed_median,
                 "images_per_second": total / self.seconds if self.seconds else None,
                 "objects": {d: [{"image": r.image, "index": r.index, "ious": r.ious,
                                  "oracle_1": r.oracle_1, "clicks": r.clicks}
@@ -142,6 +153,8 @@ def evaluate_points(model, datasets: Dict[str, Iterable[EvalImage]],
                     keep_examples: int = 0) -> tuple[PointsResult, list]:
     """Evaluates `model` (a `SamModel`) on every dataset. Returns the result and up to
     `keep_examples` (image, ObjectClicks with masks) pairs per dataset for drawing."""
+    import jax
+
     from ..predictor import SamPredictor
 
     clicks = tuple(sorted(set(int(n) for n in clicks)))
@@ -151,6 +164,8 @@ def evaluate_points(model, datasets: Dict[str, Iterable[EvalImage]],
     objects: Dict[str, List[ObjectClicks]] = {}
     images: Dict[str, int] = {}
     examples = []
+    embed_seconds: List[float] = []
+    first = True
     start = time.perf_counter()
     for name, dataset in datasets.items():
         rng = np.random.default_rng(seed)
@@ -163,9 +178,15 @@ def evaluate_points(model, datasets: Dict[str, Iterable[EvalImage]],
         drawn = 0
         for image in items:
             want = drawn < keep_examples and len(image.masks) > 0
+            t = time.perf_counter()
+            predictor.set_image(image.image)
+            jax.block_until_ready(predictor.features)
+            if not first:
+                embed_seconds.append(time.perf_counter() - t)
+            first = False
             rows = evaluate_image(predictor, image, clicks[-1], first_point=first_point,
                                   rng=rng, objects_per_call=objects_per_call,
-                                  keep_masks=want)
+                                  keep_masks=want, image_is_set=True)
             objects[name].extend(rows)
             images[name] += 1
             if want and rows:
@@ -173,5 +194,6 @@ def evaluate_points(model, datasets: Dict[str, Iterable[EvalImage]],
                 drawn += 1
                 for r in rows[1:]:
                     r.masks = None
-    result = PointsResult(clicks, first_point, objects, images, time.perf_counter() - start)
+    result = PointsResult(clicks, first_point, objects, images, time.perf_counter() - start,
+                          embed_seconds)
     return result, examples
