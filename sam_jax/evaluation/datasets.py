@@ -9,7 +9,8 @@
 - `Sa1bFolder(folder, images=None)`: SA-1B JSON files (released, or `sam-jax generate`'s),
   each image beside its JSON or in `images`.
 
-Each yields `EvalImage`s; `max_images` keeps the first N (sorted by name, so runs compare).
+Each yields `EvalImage`s; `max_images` keeps the first N (sorted by name, COCO by image id, so
+runs compare).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class CocoInstances:
         self.coco.dataset = data
         self.coco.createIndex()
         self.images = images
-        ids = sorted(self.coco.getImgIds(), key=lambda i: self.coco.imgs[i]["file_name"])
+        ids = sorted(self.coco.getImgIds())  # by id: LVIS images have no file_name
         self.ids = [i for i in ids if self.coco.getAnnIds(imgIds=i)][:max_images]
 
     def __len__(self) -> int:
