@@ -9,7 +9,8 @@
   sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
                    [--compute-dtype float32|bfloat16] [--overwrite]
   sam-jax train --config CONFIG [KEY=VALUE ...]
-  sam-jax eval points|stats ...   (the paper's experiments; see eval.py)
+  sam-jax eval points|sizes|edges|edges-benchmark|proposals|instances|stats ...
+                  (the paper's experiments; see eval.py)
 
 Without --checkpoint, segment and generate use the model bundled in the package
 (sam_jax/weights/sam_dinov2_s: a pretrained DINOv2 ViT-S/14 backbone with SAM's prompt encoder
