@@ -249,16 +249,26 @@ def tiny_model():
     return SamModel(cfg, random_variables(cfg, seed=3))
 
 
+DAVIS_MINI = os.path.join(os.path.dirname(__file__), "data", "davis_mini")
+
+
 def test_batched_objects_equal_one_object_at_a_time(tiny_model, tmp_path):
     """The evaluator's one call for all objects gives what the per-object loop of
-    sam_jax.training.evaluate (one predictor call per object and click) gives."""
+    sam_jax.training.evaluate (one predictor call per object and click) gives; on a real
+    DAVIS frame (tests/data/davis_mini: a 0/255 mask PNG is one object), with a synthetic
+    second object added so the batch holds two."""
     from sam_jax.predictor import SamPredictor
     from sam_jax.training.evaluate import click_ious
 
-    images, masks = _mask_folder(tmp_path, n=1, size=(64, 48))
-    (item,) = list(MaskFolder(images, masks))
+    folder = MaskFolder(os.path.join(DAVIS_MINI, "JPEGImages", "480p", "camel"),
+                        os.path.join(DAVIS_MINI, "Annotations", "480p", "camel"), max_images=1)
+    (item,) = list(folder)
+    assert item.image.shape == (240, 427, 3) and item.masks.shape == (1, 240, 427)
+    h, w = item.masks.shape[1:]
+    item = item._replace(masks=np.concatenate([item.masks, _rect(h, w, 10, 60, 10, 90)[None]]))
     predictor = SamPredictor(tiny_model)
     batched = evaluate_image(predictor, item, 3)
+    assert len(batched) == 2
     for r in batched:
         single = click_ious(predictor, item.masks[r.index], 3)
         np.testing.assert_allclose(r.ious, single["ious"], atol=1e-6)
