@@ -1,0 +1,182 @@
+"""Where `sam-jax annotate` keeps what annotators accept: one SA-1B JSON per image in the
+annotations folder, written so that nothing accepted is ever lost.
+
+- Every change (an object accepted or removed, an image marked done) is applied under an
+  exclusive lock on the image's lock file (`fcntl.flock` on `<out>/.locks/<stem>.lock`) to
+  the file as it is on disk at that moment, then written atomically (`sa1b.write_json_atomic`:
+  a temporary file, fsync, rename). Two tabs or two processes on the same image therefore
+  merge their objects instead of the last write dropping the other's, and a server killed at
+  any moment leaves the previous complete file or the new one, never half of one.
+- The file is an SA-1B record (`image`, `annotations` with COCO compressed RLE, bbox XYWH,
+  area, predicted_iou, stability_score, point_coords, crop_box, id), readable by every SA-1B
+  reader here (`sam-jax train`'s included), plus per annotation the object's `object_id`, its
+  `label`, the `prompts` used, `source` (manual / automatic), `annotator`, `created` (UTC) and
+  `seconds` spent, and a top-level `sam_jax_annotate` record: done flag, total seconds,
+  annotators, the next annotation index (ids stay unique after removals).
+- Image names come from the client: `image_path` accepts only a name from the folder's own
+  listing (a plain file name, no folder part), so no request reaches a file elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import uuid
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from .. import sa1b
+from ..utils import amg
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+META = "sam_jax_annotate"
+SOURCES = ("manual", "automatic")
+
+
+class StoreError(ValueError):
+    """A request the store refuses (unknown or unsafe image name, unknown object, bad mask)."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class AnnotationStore:
+    """The images to annotate and their annotation files (see the module docstring)."""
+
+    def __init__(self, images_dir: str, out_dir: str):
+        self.images_dir = os.path.realpath(images_dir)
+        self.out_dir = os.path.realpath(out_dir)
+        if not os.path.isdir(self.images_dir):
+            raise StoreError(f"images folder {images_dir!r} does not exist")
+        os.makedirs(os.path.join(self.out_dir, ".locks"), exist_ok=True)
+        sa1b.remove_stale_temporaries(self.out_dir)  # a killed writer's leftovers
+        if not self.image_names():
+            raise StoreError(f"images folder {images_dir!r} has no image files "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+
+    # ---- images -----------------------------------------------------------------------------
+    def image_names(self) -> List[str]:
+        """The images to annotate: the image files directly in the folder (links the folder's
+        owner put there count: it is the names from requests that must not escape)."""
+        return sorted(n for n in os.listdir(self.images_dir)
+                      if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+                      and os.path.isfile(os.path.join(self.images_dir, n)))
+
+    def image_path(self, name: str) -> str:
+        """The path of image `name`, which must be a file name (no folder part) of an image
+        directly inside the images folder; anything else is refused."""
+        if (not isinstance(name, str) or not name or name != os.path.basename(name)
+                or name in (".", "..") or "\\" in name or "\0" in name):
+            raise StoreError(f"not an image name: {name!r}")
+        if name not in self.image_names():
+            raise StoreError(f"no image {name!r} in the images folder")
+        return os.path.join(self.images_dir, name)
+
+    def annotation_path(self, name: str) -> str:
+        self.image_path(name)
+        return os.path.join(self.out_dir, os.path.splitext(name)[0] + ".json")
+
+    # ---- reading ----------------------------------------------------------------------------
+    def read(self, name: str) -> Optional[Dict[str, Any]]:
+        """The image's annotation record as on disk, or None before its first object."""
+        path = self.annotation_path(name)
+        return sa1b.read_sa1b(path) if os.path.exists(path) else None
+
+    def progress(self) -> List[Dict[str, Any]]:
+        """Per image: name, objects, done, seconds (the image list the tool shows)."""
+        rows = []
+        for name in self.image_names():
+            record = self.read(name)
+            meta = (record or {}).get(META, {})
+            rows.append({"name": name, "objects": len((record or {}).get("annotations", [])),
+                         "done": bool(meta.get("done", False)),
+                         "seconds": float(meta.get("seconds", 0.0))})
+        return rows
+
+    # ---- changes, each under the image's lock -----------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, name: str, width: int, height: int) -> Iterator[Dict[str, Any]]:
+        """The record as on disk (or a new one), locked; written atomically on exit."""
+        path = self.annotation_path(name)
+        lock = os.path.join(self.out_dir, ".locks", os.path.splitext(name)[0] + ".lock")
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                record = sa1b.read_sa1b(path) if os.path.exists(path) else \
+                    sa1b.to_sa1b([], name, width, height)
+                record.setdefault(META, {"done": False, "seconds": 0.0, "annotators": [],
+                                         "next_index": len(record["annotations"])})
+                image = record["image"]
+                if (image["width"], image["height"]) != (width, height):
+                    raise StoreError(f"{name}: the annotations are for a {image['width']}x"
+                                     f"{image['height']} image, this one is {width}x{height}")
+                yield record
+                sa1b.write_json_atomic(path, record)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def add_object(self, name: str, mask: np.ndarray, *, prompts: Dict[str, Any],
+                   predicted_iou: float, stability_score: float = 0.0,
+                   label: Optional[str] = None, annotator: str = "", seconds: float = 0.0,
+                   source: str = "manual") -> Dict[str, Any]:
+        """Accepts one object (a (H, W) bool mask of the whole image); returns its
+        annotation as written."""
+        mask = np.asarray(mask)
+        if mask.ndim != 2 or mask.dtype != bool:
+            raise StoreError(f"a mask must be a (H, W) bool array, got {mask.dtype} {mask.shape}")
+        if not mask.any():
+            raise StoreError("the mask is empty: nothing to accept")
+        if source not in SOURCES:
+            raise StoreError(f"source must be one of {SOURCES}, got {source!r}")
+        height, width = mask.shape
+        rle = amg.coco_encode_rle(amg.mask_to_rle(mask[None])[0])
+        ys, xs = np.nonzero(mask)
+        points = [[float(x), float(y)] for x, y in prompts.get("points", [])]
+        with self._locked(name, width, height) as record:
+            meta = record[META]
+            index = int(meta["next_index"])
+            meta["next_index"] = index + 1
+            ann = {
+                # SA-1B's fields: bbox as the official generator's (inclusive max pixel)
+                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()),
+                         float(ys.max() - ys.min())],
+                "area": int(mask.sum()),
+                "segmentation": {"size": [height, width], "counts": rle["counts"]},
+                "predicted_iou": float(predicted_iou),
+                "point_coords": points[:1] or [[float(xs[0]), float(ys[0])]],
+                "crop_box": [0.0, 0.0, float(width), float(height)],
+                "id": record["image"]["image_id"] * sa1b.MAX_MASKS_PER_IMAGE + index,
+                "stability_score": float(stability_score),
+                # what annotate adds
+                "object_id": uuid.uuid4().hex, "label": label or None,
+                "prompts": json.loads(json.dumps(prompts)), "source": source,
+                "annotator": annotator, "created": _now(), "seconds": float(seconds),
+            }
+            record["annotations"].append(ann)
+            meta["seconds"] = float(meta["seconds"]) + float(seconds)
+            if annotator and annotator not in meta["annotators"]:
+                meta["annotators"].append(annotator)
+        return ann
+
+    def remove_object(self, name: str, object_id: str) -> None:
+        record = self.read(name)
+        if record is None:
+            raise StoreError(f"{name}: no object {object_id!r}")
+        image = record["image"]
+        with self._locked(name, image["width"], image["height"]) as record:
+            kept = [a for a in record["annotations"] if a.get("object_id") != object_id]
+            if len(kept) == len(record["annotations"]):
+                raise StoreError(f"{name}: no object {object_id!r}")
+            record["annotations"] = kept
+
+    def set_done(self, name: str, done: bool, width: int, height: int,
+                 seconds: float = 0.0) -> None:
+        """Marks the image done (or not) and adds `seconds` to its time."""
+        with self._locked(name, width, height) as record:
+            record[META]["done"] = bool(done)
+            record[META]["seconds"] = float(record[META]["seconds"]) + float(seconds)
