@@ -134,34 +134,66 @@ class AnnotationStore:
         if source not in SOURCES:
             raise StoreError(f"source must be one of {SOURCES}, got {source!r}")
         height, width = mask.shape
-        rle = amg.coco_encode_rle(amg.mask_to_rle(mask[None])[0])
-        ys, xs = np.nonzero(mask)
-        points = [[float(x), float(y)] for x, y in prompts.get("points", [])]
         with self._locked(name, width, height) as record:
-            meta = record[META]
-            index = int(meta["next_index"])
-            meta["next_index"] = index + 1
-            ann = {
-                # SA-1B's fields: bbox as the official generator's (inclusive max pixel)
-                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()),
-                         float(ys.max() - ys.min())],
-                "area": int(mask.sum()),
-                "segmentation": {"size": [height, width], "counts": rle["counts"]},
-                "predicted_iou": float(predicted_iou),
-                "point_coords": points[:1] or [[float(xs[0]), float(ys[0])]],
-                "crop_box": [0.0, 0.0, float(width), float(height)],
-                "id": record["image"]["image_id"] * sa1b.MAX_MASKS_PER_IMAGE + index,
-                "stability_score": float(stability_score),
-                # what annotate adds
-                "object_id": uuid.uuid4().hex, "label": label or None,
-                "prompts": json.loads(json.dumps(prompts)), "source": source,
-                "annotator": annotator, "created": _now(), "seconds": float(seconds),
-            }
+            ann = self._annotation(record, mask, prompts=prompts, predicted_iou=predicted_iou,
+                                   stability_score=stability_score, label=label,
+                                   annotator=annotator, seconds=seconds, source=source)
             record["annotations"].append(ann)
+            meta = record[META]
             meta["seconds"] = float(meta["seconds"]) + float(seconds)
             if annotator and annotator not in meta["annotators"]:
                 meta["annotators"].append(annotator)
         return ann
+
+    @staticmethod
+    def _annotation(record, mask, *, prompts, predicted_iou, stability_score, label, annotator,
+                    seconds, source) -> Dict[str, Any]:
+        """One SA-1B annotation (plus annotate's fields); takes the record's next index."""
+        height, width = mask.shape
+        rle = amg.coco_encode_rle(amg.mask_to_rle(mask[None])[0])
+        ys, xs = np.nonzero(mask)
+        points = [[float(x), float(y)] for x, y in prompts.get("points", [])]
+        meta = record[META]
+        index = int(meta["next_index"])
+        meta["next_index"] = index + 1
+        return {
+            # SA-1B's fields: bbox as the official generator's (inclusive max pixel)
+            "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()),
+                     float(ys.max() - ys.min())],
+            "area": int(mask.sum()),
+            "segmentation": {"size": [height, width], "counts": rle["counts"]},
+            "predicted_iou": float(predicted_iou),
+            "point_coords": points[:1] or [[float(xs[0]), float(ys[0])]],
+            "crop_box": [0.0, 0.0, float(width), float(height)],
+            "id": record["image"]["image_id"] * sa1b.MAX_MASKS_PER_IMAGE + index,
+            "stability_score": float(stability_score),
+            # what annotate adds
+            "object_id": uuid.uuid4().hex, "label": label or None,
+            "prompts": json.loads(json.dumps(prompts)), "source": source,
+            "annotator": annotator, "created": _now(), "seconds": float(seconds),
+        }
+
+    def prefill(self, name: str, objects: List[Dict[str, Any]], width: int, height: int,
+                annotator: str = "automatic") -> bool:
+        """Semi-automatic mode: accepts the generator's objects (dicts with `mask`,
+        `predicted_iou`, `stability_score`, `point`) once per image; False if the image was
+        already prefilled (by another tab, or before a restart)."""
+        with self._locked(name, width, height) as record:
+            meta = record[META]
+            if meta.get("prefilled"):
+                return False
+            for obj in objects:
+                mask = np.asarray(obj["mask"], bool)
+                if mask.shape != (height, width):
+                    raise StoreError(f"{name}: a prefilled mask is {mask.shape}, the image "
+                                     f"{(height, width)}")
+                record["annotations"].append(self._annotation(
+                    record, mask, prompts={"points": [obj["point"]], "labels": [1]},
+                    predicted_iou=obj["predicted_iou"],
+                    stability_score=obj["stability_score"], label=None,
+                    annotator=annotator, seconds=0.0, source="automatic"))
+            meta["prefilled"] = True
+        return True
 
     def remove_object(self, name: str, object_id: str) -> None:
         record = self.read(name)

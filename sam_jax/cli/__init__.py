@@ -11,6 +11,8 @@
   sam-jax train --config CONFIG [KEY=VALUE ...]
   sam-jax eval points|sizes|edges|edges-benchmark|proposals|instances|stats ...
                   (the paper's experiments; see eval.py)
+  sam-jax annotate IMAGES_DIR -o ANNOTATIONS_DIR [--mode manual|semi] [--port N]
+  sam-jax annotate --stats ANNOTATIONS_DIR
 
 Without --checkpoint, segment and generate use the model bundled in the package
 (sam_jax/weights/sam_dinov2_s: a pretrained DINOv2 ViT-S/14 backbone with SAM's prompt encoder
@@ -52,7 +54,7 @@ a label other than 0/1, no prompt, a prompt outside the image), 1 anything else 
 unreadable image or checkpoint, a checkpoint of the wrong kind, a failed write).
 
 Layout: one module per command (`convert.py`, `segment.py`, `generate.py`, `train.py`,
-`eval.py`), each
+`eval.py`, `annotate.py`), each
 importing only `common.py` (the shared pieces) and library modules, never another command;
 this module composes them into one parser and reports their errors.
 """
@@ -64,7 +66,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import convert, download, eval as eval_, generate, segment, train
+from . import annotate, convert, download, eval as eval_, generate, segment, train
 from .common import PROG, CliError
 
 _MAX_DETAIL_LINES = 12
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # one module per command, each knowing only .common; their order is the order in --help
-    for command in (convert, download, segment, generate, train, eval_):
+    for command in (convert, download, segment, generate, train, eval_, annotate):
         command.add_parser(sub)
     return parser
 
