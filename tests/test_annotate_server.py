@@ -217,3 +217,22 @@ def test_stats_command(make_client, capsys):
     stats = json.loads(out)
     assert stats["images"] == 1 and stats["manual_masks_per_image"]["total"] == 2
     assert stats["seconds_per_image"]["total"] == 10.0 and stats["seconds_per_manual_mask"] == 5.0
+
+
+def test_mask_png_modes_from_browsers_and_tools():
+    from sam_jax.annotate.server import data_url_to_mask
+
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 2:7] = True
+
+    def url(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    gray = Image.fromarray(mask.astype(np.uint8) * 255)
+    canvas = gray.convert("RGBA")  # what a canvas's toDataURL gives: opaque white on black
+    cutout = Image.new("RGBA", (8, 6), (255, 255, 255, 0))  # white, transparent outside
+    cutout.putalpha(Image.fromarray(mask.astype(np.uint8) * 255))
+    for image in (gray, canvas, cutout, gray.convert("1"), gray.convert("RGB")):
+        np.testing.assert_array_equal(data_url_to_mask(url(image), 8, 6), mask)

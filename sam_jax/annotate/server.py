@@ -46,8 +46,9 @@ def mask_to_data_url(mask: np.ndarray) -> str:
 
 
 def data_url_to_mask(url: str, width: int, height: int) -> np.ndarray:
-    """A PNG data URL (any mode; a pixel is in the mask where its first channel or alpha is
-    at least 128) -> (height, width) bool; a clear error for anything else."""
+    """A PNG data URL (any mode; a pixel is in the mask where it is light, gray level >= 128,
+    and, with transparency, opaque, alpha >= 128: a browser canvas exports white-on-black as
+    opaque RGBA) -> (height, width) bool; a clear error for anything else."""
     prefix = "data:image/png;base64,"
     if not isinstance(url, str) or not url.startswith(prefix):
         raise PromptError("mask must be a PNG data URL (data:image/png;base64,...)")
@@ -58,9 +59,10 @@ def data_url_to_mask(url: str, width: int, height: int) -> np.ndarray:
         raise PromptError(f"mask is not a readable PNG ({type(e).__name__})") from None
     if image.size != (width, height):
         raise PromptError(f"mask is {image.size[0]}x{image.size[1]}, the image {width}x{height}")
-    if image.mode in ("RGBA", "LA"):
-        return np.asarray(image.getchannel("A")) >= 128
-    return np.asarray(image.convert("L")) >= 128
+    light = np.asarray(image.convert("L")) >= 128
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        light &= np.asarray(image.convert("RGBA").getchannel("A")) >= 128
+    return light
 
 
 def _generator_objects(model, image: np.ndarray):
