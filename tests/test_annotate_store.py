@@ -154,3 +154,36 @@ def test_writer_killed_at_any_moment_loses_nothing_acknowledged(tmp_path):
         on_disk = {a["object_id"] for a in store.read("a.jpg")["annotations"]}
         assert set(acked) <= on_disk
         assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_annotations_folder_trains_as_it_is(tmp_path, capsys):
+    """Model in the loop: what the tool writes is an SA-1B folder that `sam-jax train` reads
+    (images in their own folder), here 2 steps of the tiny model on 2 real DAVIS frames."""
+    import shutil
+
+    from conftest import call
+
+    davis = os.path.join(os.path.dirname(__file__), "data", "davis_mini", "JPEGImages", "480p")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(os.path.join(davis, "camel", "00000.jpg"), images / "camel.jpg")
+    shutil.copy(os.path.join(davis, "cows", "00000.jpg"), images / "cows.jpg")
+    store = AnnotationStore(str(images), str(tmp_path / "out"))
+    for name in ("camel.jpg", "cows.jpg"):
+        m = np.zeros((240, 427), bool)
+        m[60:180, 100:300] = True
+        store.add_object(name, m, prompts={"points": [[200, 120]], "labels": [1]},
+                         predicted_iou=0.9)
+    config = json.load(open(os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                         "configs", "finetune_annotations.json")))
+    config.update(model="tiny", init_from="", workdir=str(tmp_path / "run"), steps=2,
+                  batch_size=2, save_every=2, log_every=1, eval_every=0, eval_images=1)
+    config["optim"] = {"preset": "tiny", "total_steps": 2, "decay_steps": [1],
+                       "warmup_steps": 1}
+    config["data"].update(root=store.out_dir, images_dir=str(images), validation_fraction=0.0,
+                          max_masks=1, data_dir=str(tmp_path / "tfds"), worker_count=0)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    status, out, err = call(capsys, "train", "--config", path, "-q")
+    assert status == 0, err
+    assert "done: 2 steps" in out
