@@ -64,12 +64,12 @@ def to_sa1b(records: List[Dict[str, Any]], file_name: str, width: int,
             "annotations": annotations}
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to a temporary file beside `path`, flushes it to disk, then renames it
-    over `path`: a reader (or a resumed run) sees the old file or the whole new one, never
-    half of one."""
+def write_json_atomic(path: str, obj: Any, tmp_prefix: str = ".tmp-") -> None:
+    """Writes JSON to a temporary file beside `path` (named `tmp_prefix` + random + .json),
+    flushes it to disk, then renames it over `path`: a reader (or a resumed run) sees the old
+    file or the whole new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".json", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f)

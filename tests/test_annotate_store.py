@@ -187,3 +187,23 @@ def test_annotations_folder_trains_as_it_is(tmp_path, capsys):
     status, out, err = call(capsys, "train", "--config", path, "-q")
     assert status == 0, err
     assert "done: 2 steps" in out
+
+
+def test_a_second_store_never_deletes_a_write_in_progress(tmp_path):
+    """A store opened while another writes (a second server on the same folder) must not take
+    the writer's temporary file for a killed writer's leftover (CI caught this race)."""
+    import fcntl
+
+    images, out = _folder(tmp_path)
+    first = AnnotationStore(images, out)
+    in_progress = os.path.join(first.out_dir, ".tmp-a-inflight.json")
+    leftover = os.path.join(first.out_dir, ".tmp-b-killed.json")
+    for path in (in_progress, leftover):
+        open(path, "w").write("{")
+    with open(os.path.join(first.out_dir, ".locks", "a.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # image a is being written
+        AnnotationStore(images, out)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert os.path.exists(in_progress) and not os.path.exists(leftover)
+    AnnotationStore(images, out)  # once the writer is gone, its file is stale
+    assert not os.path.exists(in_progress)

@@ -35,6 +35,7 @@ from ..utils import amg
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 META = "sam_jax_annotate"
 SOURCES = ("manual", "automatic")
+TMP_PREFIX = ".tmp-"  # + "<image stem>-": the writer's temporary file, until its rename
 
 
 class StoreError(ValueError):
@@ -54,10 +55,32 @@ class AnnotationStore:
         if not os.path.isdir(self.images_dir):
             raise StoreError(f"images folder {images_dir!r} does not exist")
         os.makedirs(os.path.join(self.out_dir, ".locks"), exist_ok=True)
-        sa1b.remove_stale_temporaries(self.out_dir)  # a killed writer's leftovers
+        self._remove_stale_temporaries()
         if not self.image_names():
             raise StoreError(f"images folder {images_dir!r} has no image files "
                              f"({', '.join(IMAGE_SUFFIXES)})")
+
+    def _lock_path(self, stem: str) -> str:
+        return os.path.join(self.out_dir, ".locks", stem + ".lock")
+
+    def _remove_stale_temporaries(self) -> None:
+        """Deletes what killed writers left (`.tmp-<stem>-*.json`): only where the image's lock
+        is free, since another process (a second server on the same folder) may be writing
+        that very file now."""
+        for n in os.listdir(self.out_dir):
+            if not (n.startswith(TMP_PREFIX) and n.endswith(".json") and "-" in n[len(TMP_PREFIX):]):
+                continue
+            stem = n[len(TMP_PREFIX):].rsplit("-", 1)[0]
+            with open(self._lock_path(stem), "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a write in progress: its file is not stale
+                try:
+                    if os.path.exists(os.path.join(self.out_dir, n)):
+                        os.unlink(os.path.join(self.out_dir, n))
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ---- images -----------------------------------------------------------------------------
     def image_names(self) -> List[str]:
@@ -103,8 +126,8 @@ class AnnotationStore:
     def _locked(self, name: str, width: int, height: int) -> Iterator[Dict[str, Any]]:
         """The record as on disk (or a new one), locked; written atomically on exit."""
         path = self.annotation_path(name)
-        lock = os.path.join(self.out_dir, ".locks", os.path.splitext(name)[0] + ".lock")
-        with open(lock, "a") as handle:
+        stem = os.path.splitext(name)[0]
+        with open(self._lock_path(stem), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 record = sa1b.read_sa1b(path) if os.path.exists(path) else \
@@ -116,7 +139,7 @@ class AnnotationStore:
                     raise StoreError(f"{name}: the annotations are for a {image['width']}x"
                                      f"{image['height']} image, this one is {width}x{height}")
                 yield record
-                sa1b.write_json_atomic(path, record)
+                sa1b.write_json_atomic(path, record, tmp_prefix=f"{TMP_PREFIX}{stem}-")
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
