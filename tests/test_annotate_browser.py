@@ -3,6 +3,7 @@ Playwright): the real command serving the bundled model on real DAVIS frames. Cl
 mask (the screenshot changes where the mask is), Enter accepts and the JSON decodes
 (pycocotools) to the mask the server returned; a negative click and undo; the server killed
 mid-session and restarted keeps every accepted object; a path-traversal request is refused;
+redo, candidate cycling and the brush;
 semi-automatic mode opens with the generator's masks filled in.
 
 Skipped when chromium or playwright is missing (.ci/run installs both)."""
@@ -138,11 +139,36 @@ def test_click_accept_negative_undo_and_kill_restart(folders, browser):
         outside[135:166, 135:166] = False  # the point's marker
         assert outside.mean() < 0.001
 
-        # a negative click changes the prediction; undo brings back exactly what was drawn
+        # a negative click changes the prediction; undo brings back exactly what was drawn,
+        # redo the negative click's drawing, undo again the first
         negative = _click(page, 30, 30, modifiers="Shift")
         assert len(negative["masks"]) == 1
+        with_negative = _overlay_pixels(page)
         page.keyboard.press("Control+z")
         np.testing.assert_array_equal(_overlay_pixels(page), after)
+        page.keyboard.press("Control+y")
+        np.testing.assert_array_equal(_overlay_pixels(page), with_negative)
+        page.keyboard.press("Control+z")
+        np.testing.assert_array_equal(_overlay_pixels(page), after)
+
+        # Tab shows the next candidate, and Tab twice more comes back to the chosen one
+        first = page.locator("#status").text_content()
+        page.keyboard.press("Tab")
+        assert page.locator("#status").text_content() != first
+        page.keyboard.press("Tab")
+        page.keyboard.press("Tab")
+        assert page.locator("#status").text_content() == first
+
+        # the brush adds a stroke to the mask (far from the camel, in the top-right corner)
+        page.keyboard.press("b")
+        box = page.locator("#overlay").bounding_box()
+        page.mouse.move(box["x"] + 380, box["y"] + 30)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 400, box["y"] + 30, steps=5)
+        page.mouse.up()
+        page.keyboard.press("b")  # back to prompts
+        stroke = np.zeros_like(chosen)
+        stroke[30 - 13:30 + 14, 380 - 13:400 + 14] = True  # the brush's 12-px discs' box
 
         page.fill("#label", "camel")
         page.locator("#overlay").focus()
@@ -152,7 +178,11 @@ def test_click_accept_negative_undo_and_kill_restart(folders, browser):
         (ann,) = record["annotations"]
         decoded = mask_utils.decode({"size": ann["segmentation"]["size"],
                                      "counts": ann["segmentation"]["counts"].encode()})
-        np.testing.assert_array_equal(decoded.astype(bool), chosen)
+        decoded = decoded.astype(bool)
+        # the accepted mask is the chosen candidate plus the brush stroke, nothing else
+        np.testing.assert_array_equal(decoded & ~stroke, chosen & ~stroke)
+        added = decoded & ~chosen
+        assert added.sum() > 300 and (added & ~stroke).sum() == 0
         assert ann["label"] == "camel" and ann["annotator"] == "browser-test"
         assert ann["prompts"]["points"] == [[150, 150]] and ann["seconds"] > 0
 
