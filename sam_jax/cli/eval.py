@@ -47,8 +47,7 @@ def add_parser(sub) -> None:
     pts = tasks.add_parser("points", help="point-to-mask mIoU after 1..N points (SAM §7.1)")
     _dataset_options(pts)
     _model_options(pts)
-    pts.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
-    pts.add_argument("-q", "--quiet", action="store_true")
+    _output_options(pts)
     pts.set_defaults(run=run_points)
 
     sz = tasks.add_parser("sizes", help="the same point evaluation over several checkpoints "
@@ -58,8 +57,7 @@ def add_parser(sub) -> None:
                     "bundled model")
     _dataset_options(sz)
     add_compute_dtype(sz)
-    sz.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
-    sz.add_argument("-q", "--quiet", action="store_true")
+    _output_options(sz)
     sz.set_defaults(run=run_sizes, examples=0)
 
     pr = tasks.add_parser("proposals", help="class-agnostic mask AR@100/1000 of the automatic "
@@ -72,8 +70,7 @@ def add_parser(sub) -> None:
     pr.add_argument("--max-proposals", type=int, default=1000)
     pr.add_argument("--max-images", type=int, default=None, help="first N images")
     _model_options(pr)
-    pr.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
-    pr.add_argument("-q", "--quiet", action="store_true")
+    _output_options(pr)
     pr.set_defaults(run=run_proposals)
 
     ins = tasks.add_parser("instances", help="COCO mask AP of masks prompted by a detector's "
@@ -90,8 +87,7 @@ def add_parser(sub) -> None:
     ins.add_argument("--max-images", type=int, default=None,
                      help="only the first N images (by id) that have detections")
     _model_options(ins)
-    ins.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
-    ins.add_argument("-q", "--quiet", action="store_true")
+    _output_options(ins)
     ins.set_defaults(run=run_instances)
 
     ed = tasks.add_parser("edges", help="zero-shot edge maps (SAM §7.2: 16x16 point grid, "
@@ -120,8 +116,7 @@ def add_parser(sub) -> None:
     st = tasks.add_parser("stats", help="SA-1B mask statistics (SAM Fig. 5-6)")
     st.add_argument("folders", nargs="+", metavar="SA1B_DIR")
     st.add_argument("--max-images", type=int, default=None)
-    st.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
-    st.add_argument("-q", "--quiet", action="store_true")
+    _output_options(st)
     st.set_defaults(run=run_stats)
 
 
@@ -146,6 +141,11 @@ def _dataset_options(parser) -> None:
     parser.add_argument("--objects-per-call", type=int, default=16,
                      help="objects of an image decoded in one batched call")
     parser.add_argument("--examples", type=int, default=3, help="objects drawn per dataset")
+
+
+def _output_options(parser) -> None:
+    parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
+    parser.add_argument("-q", "--quiet", action="store_true")
 
 
 def _model_options(parser) -> None:

@@ -114,3 +114,12 @@ def run_cocoeval(gt, results: List[dict], *, use_cats: bool, max_dets: Sequence[
         ev.evaluate()
         ev.accumulate()
     return ev
+
+
+def coco_image_path(images_dir: PathLike, info: dict) -> str:
+    """Where an annotation file's image record points in `images_dir`: its `file_name`, or
+    for LVIS (images named by their COCO URL) the URL's last component; a `file_name` with
+    folders falls back to its base name when the full path is not there."""
+    name = info.get("file_name") or info.get("coco_url", "").rsplit("/", 1)[-1]
+    path = os.path.join(images_dir, name)
+    return path if os.path.isfile(path) else os.path.join(images_dir, os.path.basename(name))

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..utils.image_io import load_image
+from .coco import coco_image_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
@@ -137,16 +138,10 @@ class CocoInstances:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _path(self, info: dict) -> str:
-        # LVIS names images by their COCO URL; the file is its last path component
-        name = info.get("file_name") or info["coco_url"].rsplit("/", 1)[-1]
-        return os.path.join(self.images, os.path.basename(name) if not os.path.exists(
-            os.path.join(self.images, name)) else name)
-
     def __iter__(self) -> Iterator[EvalImage]:
         for image_id in self.ids:
             info = self.coco.imgs[image_id]
-            path = self._path(info)
+            path = coco_image_path(self.images, info)
             if not os.path.isfile(path):
                 raise ValueError(f"image {image_id} of the annotations is not at {path}")
             image, _ = load_image(path)

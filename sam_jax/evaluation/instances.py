@@ -30,17 +30,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .coco import PathLike, check_image_ids, load_coco_gt, read_results, run_cocoeval
+from .coco import PathLike, check_image_ids, coco_image_path, load_coco_gt, read_results, run_cocoeval
 
 DETECTION_KEYS = ("image_id", "category_id", "bbox", "score")
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # stats[0:6]
-
-
-def _image_path(images_dir: PathLike, info: dict) -> str:
-    # LVIS names images by their COCO URL; the file is its last path component
-    name = info.get("file_name") or info.get("coco_url", "").rsplit("/", 1)[-1]
-    path = os.path.join(images_dir, name)
-    return path if os.path.isfile(path) else os.path.join(images_dir, os.path.basename(name))
 
 
 def _detections_by_image(detections: List[dict], score_threshold: float,
@@ -108,7 +101,7 @@ def masks_from_detections(model, detections, images_dir: PathLike, coco_gt,
     skipped: List[tuple] = []
     for image_id in image_ids:
         info = gt.imgs[image_id]
-        path = _image_path(images_dir, info)
+        path = coco_image_path(images_dir, info)
         if not os.path.isfile(path):
             raise ValueError(f"image {image_id} of the annotations is not at {path}")
         image, _ = load_image(path)
