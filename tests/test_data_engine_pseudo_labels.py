@@ -1,0 +1,111 @@
+"""The data engine's automatic stage on cached training views
+(experiments/data_engine_pseudo_labels.py) and how train_default_model.py merges its output."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+from data_engine_pseudo_labels import grid_points, select_new_masks  # noqa: E402
+from train_default_model import FeatureCache  # noqa: E402
+
+L = 32
+
+
+def square(r0, c0, size, value=8.0, background=-8.0):
+    logits = np.full((L, L), background, np.float32)
+    logits[r0:r0 + size, c0:c0 + size] = value
+    return logits
+
+
+FILTERS = dict(iou_thresh=0.6, stability_thresh=0.6, nms=0.7, known_iou=0.5, min_cells=9,
+               max_fraction=0.9)
+
+
+def test_only_confident_stable_new_masks_are_kept():
+    annotated = square(2, 2, 8)
+    new = square(16, 16, 10)
+    duplicate = square(16, 16, 9)  # IoU 0.81 with `new`, scored lower: removed by NMS
+    low_score = square(2, 20, 6)
+    unstable = square(20, 2, 8, value=0.5, background=-0.5)  # all of it within the +-1 band
+    tiny = square(28, 28, 2)
+    logits = np.stack([annotated, new, duplicate, low_score, unstable, tiny])
+    iou = np.array([0.95, 0.9, 0.8, 0.3, 0.9, 0.9], np.float32)
+    inside = np.ones((L, L), bool)
+    known = (annotated > 0)[None]
+    masks, counts = select_new_masks(logits, iou, known, inside, 5, **FILTERS)
+    assert counts == {"candidates": 6, "confident_stable": 4, "sized": 3, "after_nms": 2,
+                      "new": 1, "kept": 1}
+    np.testing.assert_array_equal(masks, (new > 0)[None])
+
+
+def test_free_slots_and_the_image_area_bound_the_output():
+    a, b = square(0, 0, 6), square(20, 20, 6)
+    logits = np.stack([a, b])
+    iou = np.array([0.7, 0.9], np.float32)
+    inside = np.zeros((L, L), bool)
+    inside[:, :L // 2] = True  # the view's image is the left half; the rest is padding
+    masks, counts = select_new_masks(logits, iou, np.zeros((0, L, L), bool), inside, 1,
+                                     **FILTERS)
+    # b lies in the padding: nothing of it counts; a is the only mask and fits the one slot
+    assert counts["sized"] == 1 and counts["kept"] == 1
+    np.testing.assert_array_equal(masks[0], a > 0)
+    none, counts = select_new_masks(logits, iou, np.zeros((0, L, L), bool), inside, 0,
+                                    **FILTERS)
+    assert none.shape == (0, L, L) and counts["new"] == 1 and counts["kept"] == 0
+
+
+def test_grid_points_cover_the_image_not_the_padding():
+    points = grid_points(np.array([100, 448]), 4)  # h 100, w 448
+    assert points.shape == (16, 2)
+    np.testing.assert_allclose(sorted(set(points[:, 0])), [56, 168, 280, 392])
+    np.testing.assert_allclose(sorted(set(points[:, 1])), [12.5, 37.5, 62.5, 87.5])
+
+
+def _write_shard(path, valid, masks_bits):
+    n, slots = valid.shape
+    np.savez(path, features=np.zeros((n, 2, 2, 3), np.float16),
+             masks=np.packbits(masks_bits, axis=-1), boxes=np.ones((n, slots, 4), np.float32),
+             mask_valid=valid, input_size=np.full((n, 2), 448, np.int32),
+             names=np.array(["horse/a#0", "davis/b#0"]))
+
+
+def test_feature_cache_fills_free_slots_with_pseudo_labels(tmp_path):
+    cache, pseudo = tmp_path / "cache", tmp_path / "pseudo"
+    cache.mkdir()
+    pseudo.mkdir()
+    gt = np.zeros((2, 3, 16, 16), bool)
+    gt[:, 0, :4, :4] = True
+    _write_shard(cache / "train_0000.npz", np.array([[1, 0, 0], [1, 0, 0]], bool), gt)
+    extra = np.zeros((2, 3, 16, 16), bool)
+    extra[0, 1, 8:, 8:] = True  # 64 cells, in view 0's first free slot
+    np.savez(pseudo / "pseudo_0000.npz", masks=np.packbits(extra, axis=-1),
+             boxes=np.full((2, 3, 4), 7, np.float32),
+             mask_valid=np.array([[0, 1, 0], [0, 0, 0]], bool), names=np.array(["", ""]))
+    plain = FeatureCache(str(cache))
+    plain.rescan()
+    merged = FeatureCache(str(cache), str(pseudo))
+    merged.rescan()
+    assert merged.pseudo_masks == 1
+    np.testing.assert_array_equal(merged.arrays["mask_valid"],
+                                  [[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(merged.arrays["area"][0], [16, 64, 0])
+    np.testing.assert_array_equal(merged.arrays["boxes"][0, :, 0], [1, 7, 1])
+    np.testing.assert_array_equal(plain.arrays["mask_valid"], [[1, 0, 0], [1, 0, 0]])
+    batch = merged.batch(0, 4, 3, seed=0)
+    assert batch["mask_valid"].sum() in range(4, 9)
+
+
+def test_pseudo_labels_may_not_overwrite_annotations(tmp_path):
+    cache, pseudo = tmp_path / "cache", tmp_path / "pseudo"
+    cache.mkdir()
+    pseudo.mkdir()
+    valid = np.array([[1, 0, 0], [1, 0, 0]], bool)
+    _write_shard(cache / "train_0000.npz", valid, np.zeros((2, 3, 16, 16), bool))
+    np.savez(pseudo / "pseudo_0000.npz", masks=np.zeros((2, 3, 16, 2), np.uint8),
+             boxes=np.zeros((2, 3, 4), np.float32), mask_valid=valid, names=np.array(["", ""]))
+    with pytest.raises(SystemExit, match="does not fit"):
+        FeatureCache(str(cache), str(pseudo)).rescan()
