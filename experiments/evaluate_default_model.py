@@ -11,7 +11,8 @@ the whole person (the union of the parts), and every part of the first 25 of the
 (`--parts-photos`).
 Click protocol: `sam_jax.training.evaluate.click_ious` (first click at the mask's
 interior-most pixel, then at the larger error region's; previous logits fed back; mIoU@1 keeps
-the mask with the highest predicted IoU, oracle@1 the best of the 3).
+the mask with the highest predicted IoU, oracle@1 the best of the 3). The "box" column: one
+prompt, the object's tight ground-truth box, single output.
 
 Baseline ("dinov2-cosine", 1 click only): the frozen DINOv2-S patch features; cosine similarity
 of every patch to the clicked patch, upsampled bilinearly to the image, thresholded, and the
@@ -37,16 +38,17 @@ THRESHOLDS = tuple(np.round(np.arange(0.2, 0.701, 0.05), 2))
 
 
 def heldout_sets(root: str, limit: int | None, parts_photos: int,
-                 davis_stride: int) -> dict[str, list]:
+                 davis_stride: int, heldout: bool = True) -> dict[str, list]:
     """name -> list of (item, image, masks) for each held-out evaluation set: every
     `davis_stride`-th frame of the held-out DAVIS sequences, and the parts of only the first
-    `parts_photos` held-out clothing photos (each has ~7)."""
+    `parts_photos` held-out clothing photos (each has ~7). `heldout=False` builds the same
+    sets from the training photos instead (for choices that must not see held-out data)."""
     from default_model_data import list_items, load_example
 
     sets: dict[str, list] = {"davis": [], "horse": [], "person": [], "clothing-parts": []}
     davis_seen = 0
     for item in list_items(root):
-        if not item["heldout"]:
+        if item["heldout"] != heldout:
             continue
         if item["dataset"] == "davis":
             davis_seen += 1
@@ -149,7 +151,7 @@ def evaluate_model(name, path, sets, drawn):
     out = {}
     t0 = time.time()
     for set_name, items in sets.items():
-        rows, oracle = [], []
+        rows, oracle, box = [], [], []
         for item, image, masks in tqdm(items, desc=f"{name} {set_name}", unit="image"):
             predictor.set_image(image)
             for gt in masks:
@@ -158,13 +160,25 @@ def evaluate_model(name, path, sets, drawn):
                 r = click_ious(predictor, gt, CLICKS)
                 rows.append(r["ious"])
                 oracle.append(r["oracle_1"])
+                box.append(box_iou(predictor, gt))
                 if (set_name, item["name"]) in drawn:
                     drawn[(set_name, item["name"])][name] = r
         rows = np.array(rows)
         out[set_name] = {f"miou_{k}": float(rows[:, k - 1].mean()) for k in range(1, CLICKS + 1)}
-        out[set_name].update(oracle_1=float(np.mean(oracle)), masks=len(rows))
+        out[set_name].update(oracle_1=float(np.mean(oracle)), box=float(np.mean(box)),
+                             masks=len(rows))
     out["seconds"] = time.time() - t0
     return out
+
+
+def box_iou(predictor, gt: np.ndarray) -> float:
+    """IoU of the single mask prompted by the object's tight ground-truth box."""
+    from sam_jax.training.evaluate import iou
+
+    rows, cols = np.flatnonzero(gt.any(1)), np.flatnonzero(gt.any(0))
+    box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
+    masks, _, _ = predictor.predict(box=box, multimask_output=False)
+    return iou(masks[0], gt)
 
 
 def evaluate_baseline(sets, threshold):
@@ -188,15 +202,16 @@ def evaluate_baseline(sets, threshold):
 
 def table(results: dict) -> str:
     lines = ["| model | held-out set | masks | " + " | ".join(f"mIoU@{k}" for k in REPORTED)
-             + " | oracle@1 |", "|---|---|---|" + "---|" * (len(REPORTED) + 1)]
+             + " | oracle@1 | box |", "|---|---|---|" + "---|" * (len(REPORTED) + 2)]
     for model, per_set in results.items():
         for set_name, m in per_set.items():
             if not isinstance(m, dict):
                 continue
             vals = [f"{m[f'miou_{k}']:.3f}" if f"miou_{k}" in m else "-" for k in REPORTED]
             orc = f"{m['oracle_1']:.3f}" if "oracle_1" in m else "-"
+            box = f"{m['box']:.3f}" if "box" in m else "-"
             lines.append(f"| {model} | {set_name} | {m['masks']} | " + " | ".join(vals)
-                         + f" | {orc} |")
+                         + f" | {orc} | {box} |")
     return "\n".join(lines)
 
 
@@ -216,21 +231,23 @@ def plot(results, sets, drawn, out_png, model_name):
     rows = 1 + -(-len(keys) // cols)
     fig = plt.figure(figsize=(4.2 * cols, 3.4 * rows))
     ax = fig.add_subplot(rows, cols, 1)
+    # up to 3 models as curves (the first one labelled), the baseline's 1-click square
+    curves = list(zip([m for m in results if m != "dinov2-cosine"], ("-", "--", ":")))
     for i, set_name in enumerate(names):
-        for model, ls in zip(results, ("-", "--", ":")):
-            m = results[model].get(set_name, {})
-            ys = [m.get(f"miou_{k}") for k in range(1, CLICKS + 1)]
-            if ys[0] is None:
-                continue
-            if ys[1] is None:
-                ax.plot([1], [ys[0]], "s", color=f"C{i}")
-                continue
-            ax.plot(range(1, CLICKS + 1), ys, ls, marker="o", color=f"C{i}",
-                    label=f"{model}: {set_name}" if ls == "-" else None)
+        for model, ls in curves:
+            ys = [results[model].get(set_name, {}).get(f"miou_{k}") for k in range(1, CLICKS + 1)]
+            if None not in ys:
+                ax.plot(range(1, CLICKS + 1), ys, ls, marker="o", color=f"C{i}",
+                        label=f"{model}: {set_name}" if ls == "-" else None)
+        base = results.get("dinov2-cosine", {}).get(set_name, {}).get("miou_1")
+        if base is not None:
+            ax.plot([1], [base], "s", color=f"C{i}")
     ax.set_xlabel("clicks")
     ax.set_ylabel("held-out mIoU")
     ax.set_ylim(0, 1)
-    ax.set_title("solid: default, dashed: mini, squares: baseline", fontsize=8)
+    styles = ", ".join(f"{word}: {model}" for (model, _), word in
+                       zip(curves, ("solid", "dashed", "dotted")))
+    ax.set_title(f"{styles}, squares: baseline", fontsize=7)
     ax.legend(fontsize=6)
     predictor = SamPredictor(sam_jax.load(results[model_name]["_path"]))
     lookup = {(s, it["name"]): (img, masks) for s, items in sets.items()

@@ -1,5 +1,5 @@
 """Chooses the automatic mask generator's thresholds for a model whose predicted IoUs and
-logits are not scaled like SAM's (the bundled model), on held-out data, by a stated rule.
+logits are not scaled like SAM's (the bundled model), on training photos, by a stated rule.
 
     python experiments/generator_thresholds.py --model PATH --out experiments/results/generator_thresholds
 
@@ -8,8 +8,9 @@ logit > -1) were set for SAM's weights. The bundled model's IoU head is roughly 
 its foreground logits are soft (+2 to +6 inside objects where background is -10 to -17), so its
 stability scores are low for good and bad masks alike and the official 0.95 removes every mask.
 
-Candidates: the 3 masks of one click at the centre of every held-out object (the sets of
-`evaluate_default_model.py`, `--limit` images per set), each with its predicted IoU, its
+Candidates: the 3 masks of one click at the centre of every object of `--limit` training
+photos per set (`evaluate_default_model.py`'s sets built from the training split: the held-out
+photos are never used to choose anything), each with its predicted IoU, its
 stability score (computed as the generator does, on the upscaled logits) and its true IoU.
 Rule:
   pred_iou_thresh: the lowest t (0.50 ... 0.88, steps of 0.01) at which the candidates with
@@ -47,7 +48,7 @@ def candidates(model_path, data: str, limit: int):
 
     predictor = SamPredictor(sam_jax.load(model_path))
     rows = []
-    for set_name, items in heldout_sets(data, limit, 25, 3).items():
+    for set_name, items in heldout_sets(data, limit, 25, 3, heldout=False).items():
         for _, image, masks in tqdm(items, desc=set_name, unit="image"):
             predictor.set_image(image)
             for gt in masks:
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled one)")
     parser.add_argument("--data", default="../shared/data")
-    parser.add_argument("--limit", type=int, default=24, help="held-out images per set")
+    parser.add_argument("--limit", type=int, default=24, help="training photos per set")
     parser.add_argument("--out", default="experiments/results/generator_thresholds")
     args = parser.parse_args(argv)
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     stab = np.array([r[2] for r in rows])
     true = np.array([r[3] for r in rows])
     pred_t, stab_t = choose(pred, stab, true)
-    lines = [f"{len(rows)} candidates (3 per held-out object, 1 centre click); "
+    lines = [f"{len(rows)} candidates (3 per object of training photos, 1 centre click); "
              f"good = true IoU >= {GOOD}",
              "| predicted IoU >= | kept | mean true IoU of kept | good among kept |",
              "|---|---|---|---|"]

@@ -167,6 +167,12 @@ def main(argv=None) -> int:
                         help="with --export: recommend the thresholds chosen by "
                              "experiments/generator_thresholds.py (its .json) to the "
                              "automatic mask generator")
+    parser.add_argument("--average-with", default=None, metavar="CKPT_DIR",
+                        help="with --export: export the mean of the trained head and this "
+                             "exported model's head (weight averaging of two fine-tunings "
+                             "from one start, as WiSE-FT/model soups), at --average-weight")
+    parser.add_argument("--average-weight", type=float, default=0.5,
+                        help="weight of the trained head in --average-with's mean")
     parser.add_argument("--float32-backbone", action="store_true",
                         help="export the backbone in float32 (to measure what int8 costs)")
     args = parser.parse_args(argv)
@@ -212,7 +218,13 @@ def main(argv=None) -> int:
         state = jax.jit(lambda p: init_state(p, optimizer),
                         out_shardings=compiled.state_sharding)(params)
     if args.export:
-        return export(cfg, state["params"], buffers, args.export, args.onnx,
+        trained = state["params"]
+        if args.average_with:
+            other = head_from(args.average_with, cfg, jax.device_get(trained))
+            w = args.average_weight
+            trained = jax.tree.map(lambda a, b: w * a + (1 - w) * b,
+                                   jax.device_get(trained), other)
+        return export(cfg, trained, buffers, args.export, args.onnx,
                       quantized=not args.float32_backbone,
                       thresholds_json=args.generator_thresholds)
 
