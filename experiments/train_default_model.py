@@ -129,6 +129,16 @@ def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
     return head
 
 
+def average_heads(head: dict, other: dict, weight: float) -> dict:
+    """weight * head + (1 - weight) * other, leaf by leaf (same tree, same shapes)."""
+    import jax
+
+    if not 0.0 <= weight <= 1.0:
+        raise SystemExit(f"--average-weight must be in [0, 1], got {weight}")
+    return jax.tree.map(lambda a, b: weight * np.asarray(a) + (1 - weight) * np.asarray(b),
+                        head, other)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="runs/default/cache")
@@ -220,10 +230,9 @@ def main(argv=None) -> int:
     if args.export:
         trained = state["params"]
         if args.average_with:
-            other = head_from(args.average_with, cfg, jax.device_get(trained))
-            w = args.average_weight
-            trained = jax.tree.map(lambda a, b: w * a + (1 - w) * b,
-                                   jax.device_get(trained), other)
+            trained = average_heads(jax.device_get(trained),
+                                    head_from(args.average_with, cfg, jax.device_get(trained)),
+                                    args.average_weight)
         return export(cfg, trained, buffers, args.export, args.onnx,
                       quantized=not args.float32_backbone,
                       thresholds_json=args.generator_thresholds)

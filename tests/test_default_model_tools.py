@@ -1,5 +1,6 @@
-"""The data engine's automatic stage on cached training views
-(experiments/data_engine_pseudo_labels.py) and how train_default_model.py merges its output."""
+"""The bundled model's training tools in experiments/: the data engine's automatic stage on
+cached training views (data_engine_pseudo_labels.py), how train_default_model.py merges its
+output, and train_default_model.py's head averaging (--average-with)."""
 
 import os
 import sys
@@ -109,3 +110,35 @@ def test_pseudo_labels_may_not_overwrite_annotations(tmp_path):
              boxes=np.zeros((2, 3, 4), np.float32), mask_valid=valid, names=np.array(["", ""]))
     with pytest.raises(SystemExit, match="does not fit"):
         FeatureCache(str(cache), str(pseudo)).rescan()
+
+
+def test_average_with_an_exported_head(tmp_path):
+    """`train_default_model.py --average-with`: the bundled model's head is read back with
+    every array of a fresh head, and the export is the weighted mean leaf by leaf."""
+    import jax
+
+    import sam_jax
+    from sam_jax import configs
+    from sam_jax.build_sam import init_variables
+    from train_default_model import average_heads, head_from, head_params
+
+    cfg = configs.dinov2_s()
+    fresh = jax.device_get(head_params(init_variables(cfg, jax.random.key(0))["params"]))
+    bundled = head_from(sam_jax.DEFAULT_CHECKPOINT, cfg, fresh)
+    mixed = average_heads(fresh, bundled, 0.25)
+    for path, a in jax.tree_util.tree_leaves_with_path(mixed):
+        f = _leaf(fresh, path)
+        b = _leaf(bundled, path)
+        np.testing.assert_allclose(a, 0.25 * f + 0.75 * b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(_leaf(fresh, path), _leaf(bundled, path))  # a real mix
+    with pytest.raises(SystemExit, match="average-weight"):
+        average_heads(fresh, bundled, 1.5)
+    small = jax.tree.map(lambda x: x[..., :1], fresh)
+    with pytest.raises(SystemExit, match="differ"):
+        head_from(sam_jax.DEFAULT_CHECKPOINT, cfg, small)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return np.asarray(tree)
