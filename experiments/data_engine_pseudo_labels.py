@@ -80,10 +80,12 @@ def select_new_masks(logits: np.ndarray, iou_pred: np.ndarray, known: np.ndarray
                      max_fraction: float, offset: float = 1.0) -> tuple[np.ndarray, dict]:
     """One view's candidates (C, L, L) logits and predicted IoUs (C,) -> the new masks
     (K, L, L) bool, K <= free_slots, and counts of what each filter removed."""
+    from sam_jax.utils import amg
+
     masks = (logits > 0) & inside
-    high = ((logits > offset) & inside).sum((1, 2))
-    low = ((logits > -offset) & inside).sum((1, 2))
-    stability = high / np.maximum(low, 1)
+    # the generator's stability score, over the image area only (padding can never count)
+    stability = np.nan_to_num(np.asarray(amg.stability_score(
+        np.where(inside, logits, -np.inf), 0.0, offset)))
     area = masks.sum((1, 2))
     counts = {"candidates": len(masks)}
     keep = (iou_pred >= iou_thresh) & (stability >= stability_thresh)
