@@ -172,12 +172,12 @@ def evaluate_model(name, path, sets, drawn):
 
 
 def box_iou(predictor, gt: np.ndarray) -> float:
-    """IoU of the single mask prompted by the object's tight ground-truth box."""
+    """IoU of the single mask prompted by the object's tight ground-truth box, with inclusive
+    corners as SAM's `batched_mask_to_box` and the training simulation draw it."""
+    from default_model_data import box_of
     from sam_jax.training.evaluate import iou
 
-    rows, cols = np.flatnonzero(gt.any(1)), np.flatnonzero(gt.any(0))
-    box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
-    masks, _, _ = predictor.predict(box=box, multimask_output=False)
+    masks, _, _ = predictor.predict(box=box_of(gt), multimask_output=False)
     return iou(masks[0], gt)
 
 
@@ -290,7 +290,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--model", action="append", default=[],
-                        help="NAME=PATH of a checkpoint, or 'default' for the bundled model")
+                        help="NAME=PATH of a checkpoint; 'default' or NAME=default for the "
+                             "bundled model")
     parser.add_argument("--baseline-tune", type=int, default=40)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="images per set (quick look)")
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
     models = args.model or ["default"]
     for spec in models:
         name, _, path = spec.partition("=")
-        path = path or None
+        path = None if path in ("", "default") else path
         results[name] = evaluate_model(name, path, sets, drawn)
         results[name]["_path"] = path
         print(table({name: results[name]}))
