@@ -270,7 +270,8 @@ def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | Non
 
     from sam_jax.checkpoints import save_converted
     from sam_jax.checkpoints.dinov2_onnx import import_dinov2_backbone
-    from sam_jax.checkpoints.quantize import BACKBONE_KERNELS, quantize_variables
+    from sam_jax.checkpoints.quantize import (BACKBONE_KERNELS, BACKBONE_LEAVES,
+                                              quantize_variables)
 
     trained = jax.device_get(trained)
     params = dict(trained)
@@ -288,7 +289,10 @@ def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | Non
             chosen = json.load(f)
         metadata["generator_defaults"] = {k: chosen[k] for k in ("pred_iou_thresh",
                                                                  "stability_score_thresh")}
-    save_converted(variables, cfg, out_dir, overwrite=True, metadata=metadata)
+    # the backbone in its own file, byte-identical from one export to the next: a new head
+    # costs the repository's history the head alone
+    save_converted(variables, cfg, out_dir, overwrite=True, metadata=metadata,
+                   separate=BACKBONE_LEAVES)
     print(f"wrote {out_dir}")
     return 0
 

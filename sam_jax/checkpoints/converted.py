@@ -4,8 +4,14 @@ loads a torch state dict in `build_sam.py`).
 A converted checkpoint is a directory:
   config.json   the SamConfig (`SamConfig.to_json`) plus "model_type", "source", "format"
   variables/    `{"params": ..., "buffers": ...}` written by Orbax
+  backbone.safetensors   optional: leaves kept out of `variables/` (`save_converted(...,
+                separate=)`), keyed by their path ("params/image_encoder/..."). For a model
+                whose pretrained backbone stays fixed while its head is retrained: this file's
+                bytes depend only on those arrays (Orbax's do not: its chunk files change
+                names and layout from one write to the next), so a repository that versions
+                the checkpoint stores the backbone once, not once per head.
 It is restored into the abstract (`eval_shape`) tree of the model the config describes, after
-checking that the saved tree has exactly that structure and those shapes.
+checking that the saved tree (both files together) has exactly that structure and those shapes.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -22,26 +28,67 @@ import orbax.checkpoint as ocp
 from ..configs import SamConfig
 from .errors import CheckpointError
 from .quantize import SCALES, dequantize_variables, saved_abstract
+from .safetensors_file import load_safetensors
 
 FORMAT = "sam_jax-orbax-1"
+BACKBONE_FILE = "backbone.safetensors"
 _EXTRA_FIELDS = ("model_type", "source", "format", "generator_defaults")
 Variables = Dict[str, Any]
 
 
-def _flat_shapes(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    return {"/".join(str(k.key) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+def _flatten(tree) -> Dict[str, Any]:
+    return {"/".join(str(k.key) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, name = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = leaf
+    return tree
+
+
+def _flat_shapes(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in _flatten(tree).items()}
+
+
+def _write_separate(flat: Dict[str, Any], path: str) -> None:
+    """The leaves as a safetensors file whose bytes depend only on their names and values."""
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in sorted(flat.items())}
+    bad = {name: a.dtype.name for name, a in arrays.items()
+           if a.dtype not in (np.float32, np.int8, np.int32, np.uint8, np.bool_)}
+    if bad:
+        raise CheckpointError(f"{path}: cannot store these dtypes in the backbone file: {bad}")
+    save_file(arrays, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def save_converted(variables: Variables, config: SamConfig, out_dir: str | os.PathLike, *,
-                   overwrite: bool = False, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Writes `out_dir/variables` (Orbax) then `out_dir/config.json`.
+                   overwrite: bool = False, metadata: Optional[Dict[str, str]] = None,
+                   separate: Optional[Callable[[str], bool]] = None) -> None:
+    """Writes `out_dir/variables` (Orbax) then `out_dir/config.json`; with `separate`, the
+    leaves whose path it accepts go to `out_dir/backbone.safetensors` instead of Orbax.
 
     `out_dir` must be absent or empty. With `overwrite=True` a previous conversion there is
-    replaced, but only its own two entries are touched: nothing else in the folder is removed.
+    replaced, but only its own entries are touched: nothing else in the folder is removed.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     var_dir, config_path = os.path.join(out_dir, "variables"), os.path.join(out_dir, "config.json")
+    backbone_path = os.path.join(out_dir, BACKBONE_FILE)
+    flat = _flatten(variables)
+    apart = {p: leaf for p, leaf in flat.items() if separate is not None and separate(p)}
+    if separate is not None and (not apart or len(apart) == len(flat)):
+        raise CheckpointError(f"{out_dir}: `separate` must select some leaves but not all "
+                              f"({len(apart)} of {len(flat)} selected)")
+    if apart:
+        variables = _unflatten({p: leaf for p, leaf in flat.items() if p not in apart})
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -54,8 +101,9 @@ def save_converted(variables: Variables, config: SamConfig, out_dir: str | os.Pa
                 raise CheckpointError(f"{var_dir}: exists but is not an Orbax checkpoint; "
                                       "refusing to delete it")
             shutil.rmtree(var_dir)
-        if os.path.exists(config_path):
-            os.remove(config_path)
+        for path in (config_path, backbone_path):
+            if os.path.exists(path):
+                os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
     # host arrays, written by this process alone (e.g. process 0 of a multi-process training
     # run): Orbax's barriers must not wait for processes that do not call this
@@ -63,6 +111,8 @@ def save_converted(variables: Variables, config: SamConfig, out_dir: str | os.Pa
                                                active_processes={jax.process_index()})
     with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
         checkpointer.save(var_dir, variables)  # leaving the block waits for the write
+    if apart:
+        _write_separate(apart, backbone_path)
     # config.json last: a directory that has one holds a complete conversion.
     info = dict(config.to_dict(), format=FORMAT, **(metadata or {}))
     with open(config_path + ".tmp", "w") as f:
@@ -106,12 +156,18 @@ def load_converted(ckpt_dir: str | os.PathLike,
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     config, _ = read_config(ckpt_dir)
     var_dir = os.path.join(ckpt_dir, "variables")
+    backbone_path = os.path.join(ckpt_dir, BACKBONE_FILE)
+    apart = load_safetensors(backbone_path) if os.path.exists(backbone_path) else {}
     abstract = abstract_variables(config)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
-            saved = checkpointer.metadata(var_dir).item_metadata.tree
+            in_orbax = _flatten(checkpointer.metadata(var_dir).item_metadata.tree)
         except (OSError, ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"{var_dir}: not a readable Orbax checkpoint ({e})")
+        twice = sorted(set(apart) & set(in_orbax))
+        if twice:
+            raise CheckpointError(f"{backbone_path}: also in {var_dir}: {', '.join(twice[:5])}")
+        saved = _unflatten({**in_orbax, **apart})
         quantized = isinstance(saved, dict) and SCALES in saved
         if quantized:  # int8 kernels with per-channel scales (quantize.py)
             abstract = saved_abstract(abstract, saved[SCALES])
@@ -121,12 +177,16 @@ def load_converted(ckpt_dir: str | os.PathLike,
                     + [f"{k}: expected {want[k]}, saved {got[k]}"
                        for k in want if k in got and want[k] != got[k]])
         if problems:
-            raise CheckpointError(f"{var_dir} does not match the model in its config.json:\n  "
+            where = f"{var_dir} with {backbone_path}" if apart else var_dir
+            raise CheckpointError(f"{where} does not match the model in its config.json:\n  "
                                   + "\n  ".join(sorted(problems)))
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                              abstract)
-        variables = checkpointer.restore(var_dir, target)
+        target = {p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                  for p, a in _flatten(abstract).items() if p not in apart}
+        variables = checkpointer.restore(var_dir, _unflatten(target))
+    if apart:
+        variables = _unflatten({**_flatten(variables),
+                                **{p: jax.device_put(a, sharding) for p, a in apart.items()}})
     if quantized:
         variables = dequantize_variables(variables)
     return config, variables

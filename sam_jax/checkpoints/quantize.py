@@ -33,6 +33,12 @@ BACKBONE_KERNELS: Callable[[str], bool] = lambda path: bool(re.fullmatch(  # noq
     r"/kernel", path))
 
 
+# Every leaf of the pretrained backbone (and its int8 scales), the neck excepted: what stays the
+# same from one export of the bundled model to the next (`save_converted(separate=...)`).
+BACKBONE_LEAVES: Callable[[str], bool] = lambda path: bool(re.fullmatch(  # noqa: E731
+    rf"({SCALES}/)?params/image_encoder/(?!neck\.)[^/]+/.+", path))
+
+
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float (..., out) -> (int8 (..., out), float32 (out,) scales)."""
     w = np.asarray(w, np.float32)
