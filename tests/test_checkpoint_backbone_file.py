@@ -149,3 +149,10 @@ def test_backbone_leaves_select_dinov2_backbone_not_its_neck():
               "params/prompt_encoder/pe_layer/positional_encoding_gaussian_matrix"):
         assert not BACKBONE_LEAVES(p), p
 
+
+def test_bundled_model_keeps_its_backbone_apart():
+    ckpt = sam_jax.DEFAULT_CHECKPOINT
+    apart = load_file(os.path.join(ckpt, BACKBONE_FILE))
+    assert all(BACKBONE_LEAVES(p) for p in apart)
+    assert len([p for p in apart if p.startswith(SCALES)]) == 73  # the int8 kernels' scales
+    assert sum(a.nbytes for a in apart.values()) > 20e6  # the backbone, in int8

@@ -66,7 +66,7 @@ def test_bundled_model_segments_davis_frames(model):
     assert result["miou_1"] > 0.75 and result["miou_3"] > 0.75
 
 
-# Measured (inside, cover): truck box (1.00, 0.59), wheel box (0.87, 0.49). The wheel's mask
+# Measured (inside, cover): truck box (1.00, 0.60), wheel box (0.86, 0.51). The wheel's mask
 # spills onto the wheel arch (phase 3's head: 0.85 inside; phase 2's kept 0.93 but scored lower
 # on held-out box prompts overall: DAVIS 0.724 vs 0.759 on 24 images per set).
 @pytest.mark.parametrize("box, min_inside, min_cover", [(TRUCK_BOX, 0.9, 0.3),
@@ -116,13 +116,16 @@ def test_segment_without_checkpoint_uses_bundled_model(tmp_path, capsys):
 def test_generate_with_default_settings_finds_the_truck(tmp_path, capsys):
     # SAM's thresholds (predicted IoU 0.88, stability 0.95) keep nothing of this model's masks
     # (soft foreground logits); its checkpoint recommends the thresholds that
-    # experiments/generator_thresholds.py chose on training photos, and generate uses them
-    assert sam_jax.load().generator_defaults == {"pred_iou_thresh": 0.69,
+    # experiments/generator_thresholds.py chose on training photos, and generate uses them.
+    # The truck's mask passes them by a hair (predicted IoU 0.7905 against 0.79, stability
+    # 0.82 against 0.67): a head whose scores move by 0.001 can lose it, and should then be
+    # judged on generate's held-out behaviour, not fitted to this photo
+    assert sam_jax.load().generator_defaults == {"pred_iou_thresh": 0.79,
                                                  "stability_score_thresh": 0.67}
     status = cli.main(["generate", TRUCK, "-o", str(tmp_path / "out"), "-q"])
     assert status == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "out" / "truck.json").read_text())
-    assert record["sam_jax"]["options"]["pred_iou_thresh"] == 0.69
+    assert record["sam_jax"]["options"]["pred_iou_thresh"] == 0.79
     assert len(record["annotations"]) >= 1
     from pycocotools import mask as mask_utils
     largest = max(record["annotations"], key=lambda a: a["area"])
