@@ -129,6 +129,23 @@ def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
     return head
 
 
+def frozen_outside(params: dict, prefixes: list[str]) -> tuple[str, ...]:
+    """The leaf paths of `params` under none of `prefixes` (all of them trainable when there
+    are no prefixes); a prefix that names no parameter is an error, not a silent no-op."""
+    import jax
+
+    if not prefixes:
+        return ()
+    paths = ["/".join(str(k.key) for k in kp)
+             for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    under = lambda path, prefix: path == prefix or path.startswith(prefix.rstrip("/") + "/")  # noqa: E731
+    unknown = [p for p in prefixes if not any(under(path, p) for path in paths)]
+    if unknown:
+        raise SystemExit(f"--train-only {unknown}: no head parameter has this path prefix "
+                         f"(top level: {sorted({p.split('/')[0] for p in paths})})")
+    return tuple(path for path in paths if not any(under(path, p) for p in prefixes))
+
+
 def average_heads(head: dict, other: dict, weight: float) -> dict:
     """weight * head + (1 - weight) * other, leaf by leaf (same tree, same shapes)."""
     import jax
@@ -168,6 +185,11 @@ def main(argv=None) -> int:
                         help="start a new run from an exported model's head (neck, prompt "
                              "encoder, decoder) with a fresh optimizer, instead of a random one; "
                              "ignored when the workdir holds a checkpoint to resume")
+    parser.add_argument("--train-only", action="append", default=[], metavar="PREFIX",
+                        help="train only the head's parameters under this path prefix "
+                             "(repeatable; e.g. mask_decoder/iou_prediction_head to re-fit the "
+                             "predicted IoUs of a model without changing its masks); the rest "
+                             "stays frozen")
     parser.add_argument("--pseudo", default=None, metavar="DIR",
                         help="also train on the pseudo-labels data_engine_pseudo_labels.py "
                              "wrote here (the data engine's automatic stage)")
@@ -211,7 +233,8 @@ def main(argv=None) -> int:
     optim = OptimConfig(peak_lr=args.peak_lr, total_steps=args.steps,
                         decay_steps=decay_steps,
                         warmup_steps=args.warmup, weight_decay=0.1, grad_clip=1.0,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size,
+                        freeze=frozen_outside(params, args.train_only))
     optimizer = make_optimizer(optim, params)
     mesh = data_mesh()
     compiled = compile_train_step(train_cfg, optim, StepConfig(

@@ -142,3 +142,36 @@ def _leaf(tree, path):
     for key in path:
         tree = tree[key.key]
     return np.asarray(tree)
+
+
+def test_train_only_freezes_the_rest_of_the_head():
+    """`train_default_model.py --train-only PREFIX`: every head leaf outside the prefixes is
+    frozen, and one optimizer step moves only the leaves under them."""
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax import configs
+    from sam_jax.build_sam import init_variables
+    from sam_jax.training.optim import OptimConfig, make_optimizer
+    from train_default_model import frozen_outside, head_params
+
+    params = jax.device_get(head_params(init_variables(configs.dinov2_s(),
+                                                       jax.random.key(0))["params"]))
+    paths = ["/".join(str(k.key) for k in kp)
+             for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert frozen_outside(params, []) == ()
+    frozen = frozen_outside(params, ["mask_decoder/iou_prediction_head"])
+    trained = sorted(set(paths) - set(frozen))
+    assert trained == [f"mask_decoder/iou_prediction_head/layers.{i}/{n}"
+                       for i in range(3) for n in ("bias", "kernel")]
+    assert "mask_decoder/iou_token/embedding" in frozen  # the token shapes the masks: frozen
+    assert len(frozen_outside(params, ["prompt_encoder", "image_encoder/neck.0"])) < len(paths)
+    with pytest.raises(SystemExit, match="no head parameter"):
+        frozen_outside(params, ["mask_decoder/iou_head"])
+
+    optimizer = make_optimizer(OptimConfig(peak_lr=1e-2, total_steps=10, decay_steps=(8,),
+                                           warmup_steps=0, freeze=frozen), params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    for path, u in zip(paths, jax.tree_util.tree_leaves(updates)):
+        assert (np.abs(np.asarray(u)).max() > 0) == (path in trained), path
