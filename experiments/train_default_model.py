@@ -134,16 +134,20 @@ def frozen_outside(params: dict, prefixes: list[str]) -> tuple[str, ...]:
     are no prefixes); a prefix that names no parameter is an error, not a silent no-op."""
     import jax
 
+    from sam_jax.training.optim import param_labels
+
     if not prefixes:
         return ()
-    paths = ["/".join(str(k.key) for k in kp)
-             for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    under = lambda path, prefix: path == prefix or path.startswith(prefix.rstrip("/") + "/")  # noqa: E731
-    unknown = [p for p in prefixes if not any(under(path, p) for path in paths)]
+
+    def under(chosen) -> dict[str, bool]:  # OptimConfig.freeze's own prefix rule
+        labels = jax.tree_util.tree_flatten_with_path(param_labels(params, tuple(chosen)))[0]
+        return {"/".join(str(k.key) for k in kp): label == "frozen" for kp, label in labels}
+
+    unknown = [p for p in prefixes if not any(under([p]).values())]
     if unknown:
         raise SystemExit(f"--train-only {unknown}: no head parameter has this path prefix "
-                         f"(top level: {sorted({p.split('/')[0] for p in paths})})")
-    return tuple(path for path in paths if not any(under(path, p) for p in prefixes))
+                         f"(top level: {sorted(params)})")
+    return tuple(path for path, inside in under(prefixes).items() if not inside)
 
 
 def average_heads(head: dict, other: dict, weight: float) -> dict:

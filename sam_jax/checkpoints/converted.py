@@ -57,15 +57,20 @@ def _flat_shapes(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
             for path, leaf in _flatten(tree).items()}
 
 
-def _write_separate(flat: Dict[str, Any], path: str) -> None:
-    """The leaves as a safetensors file whose bytes depend only on their names and values."""
-    from safetensors.numpy import save_file
-
+def _separate_arrays(flat: Dict[str, Any], path: str) -> Dict[str, np.ndarray]:
+    """The leaves for the backbone file, checked to have dtypes it stores, in sorted order."""
     arrays = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in sorted(flat.items())}
     bad = {name: a.dtype.name for name, a in arrays.items()
            if a.dtype not in (np.float32, np.int8, np.int32, np.uint8, np.bool_)}
     if bad:
         raise CheckpointError(f"{path}: cannot store these dtypes in the backbone file: {bad}")
+    return arrays
+
+
+def _write_separate(arrays: Dict[str, np.ndarray], path: str) -> None:
+    """A safetensors file whose bytes depend only on the arrays' names and values."""
+    from safetensors.numpy import save_file
+
     save_file(arrays, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -87,8 +92,9 @@ def save_converted(variables: Variables, config: SamConfig, out_dir: str | os.Pa
     if separate is not None and (not apart or len(apart) == len(flat)):
         raise CheckpointError(f"{out_dir}: `separate` must select some leaves but not all "
                               f"({len(apart)} of {len(flat)} selected)")
-    if apart:
+    if apart:  # checked before anything already in out_dir is touched
         variables = _unflatten({p: leaf for p, leaf in flat.items() if p not in apart})
+        apart = _separate_arrays(apart, backbone_path)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
