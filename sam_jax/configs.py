@@ -74,6 +74,21 @@ EncoderConfig = Union[ImageEncoderConfig, Dinov2EncoderConfig]
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskRefinerConfig:
+    """A learned high-resolution refiner of the decoder's masks (`modeling/mask_refiner.py`;
+    not in the official SAM): a small CNN at half the input resolution reading the image and
+    the low-res logits. The bundled DINOv2 model has one; official SAM models do not."""
+
+    width: int = 32
+    dilations: Tuple[int, ...] = (1, 2, 4, 8, 1)
+
+    def __post_init__(self):
+        if self.width < 1 or not self.dilations or min(self.dilations) < 1:
+            raise ValueError(f"MaskRefinerConfig needs width >= 1 and dilations >= 1, got "
+                             f"width={self.width}, dilations={self.dilations}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
     embed_dim: int = 256
     mask_in_chans: int = 16
@@ -115,6 +130,8 @@ class SamConfig:
     # once; None = per backend (8 on CPU, all at once on accelerators). Bounds the per-prompt
     # feature maps held at a time (~30 MB per prompt for vit_b).
     decode_group_size: Optional[int] = None
+    # A learned refiner of the masks shown to users (None: the official model's masks).
+    mask_refiner: Optional[MaskRefinerConfig] = None
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
@@ -165,6 +182,11 @@ class SamConfig:
         unknown = set(d) - known - {"prompt_encoder", "mask_decoder"}
         if unknown:
             raise ValueError(f"unknown SamConfig fields: {sorted(unknown)}")
+        refiner = d.pop("mask_refiner", None)
+        if refiner is not None:
+            refiner = dict(refiner)
+            refiner["dilations"] = tuple(refiner.get("dilations", MaskRefinerConfig.dilations))
+            d["mask_refiner"] = MaskRefinerConfig(**refiner)
         return cls(
             image_encoder=encoder_cls(**enc),
             prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder", {})),

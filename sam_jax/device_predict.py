@@ -118,19 +118,31 @@ def device_prompt_batch(coords: Optional[jax.Array], labels: Optional[jax.Array]
 def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: PromptBatch, *,
                        config: SamConfig, multimask_output: bool = True, with_masks: bool = True,
                        return_logits: bool = False, input_size: Optional[Size] = None,
-                       original_size: Optional[Size] = None) -> DevicePrediction:
+                       original_size: Optional[Size] = None,
+                       refiner_features: Optional[jax.Array] = None) -> DevicePrediction:
     """`inference.decode_prompts` then, with an output size, `inference.postprocess_masks`
     (thresholded unless `return_logits`), on a padded `PromptBatch` (numpy or device arrays);
     returns the outputs of all padded prompts. The code path shared by `predict_on_device` and
-    `SamPredictor.predict_batch`; two jitted calls, each compiled once per bucket."""
+    `SamPredictor.predict_batch`; jitted calls, each compiled once per bucket.
+
+    With `refiner_features` (`inference.refiner_features` of the images, for a model with a
+    mask refiner) the masks are upscaled from the refined logits; the low-res logits returned
+    stay the decoder's (they are the next click's mask prompt)."""
     prompts = prompts._replace(num_prompts=None)  # no host int among the jitted arguments
     low_res, iou = inference.decode_prompts(variables, embeddings, prompts, config=config,
                                             multimask_output=multimask_output,
                                             with_masks=with_masks)
     masks = None
     if input_size is not None:
+        shown = low_res
+        if refiner_features is not None:
+            if config.mask_refiner is None:
+                raise ValueError("refiner_features were given for a model without a mask "
+                                 "refiner (SamConfig.mask_refiner is None)")
+            shown = inference.refine_low_res(variables, refiner_features, low_res,
+                                             prompts.image_index, config=config)
         masks = inference.postprocess_masks(
-            low_res, input_size=tuple(input_size), original_size=tuple(original_size),
+            shown, input_size=tuple(input_size), original_size=tuple(original_size),
             image_size=config.image_size,
             threshold=None if return_logits else config.mask_threshold)
     return DevicePrediction(masks, iou, low_res)
@@ -143,7 +155,8 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                       image_index: Optional[jax.Array] = None, multimask_output: bool = True,
                       return_logits: bool = False, input_size: Optional[Size] = None,
                       original_size: Optional[Size] = None,
-                      mesh: Optional[Mesh] = None) -> DevicePrediction:
+                      mesh: Optional[Mesh] = None,
+                      refiner_features: Optional[jax.Array] = None) -> DevicePrediction:
     """P prompts against one or more image embeddings, everything on the device.
 
     variables: the model's (replicated on a mesh); embeddings: (N_img, h, w, C) from
@@ -155,7 +168,9 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
       image_index (P,) int, which embedding each prompt reads (required when N_img > 1).
     input_size (h, w) after resizing and original_size (H, W), both static, ask for masks at
     the original size (bool, or float32 logits with return_logits); without them only IoU and
-    low-res logits are computed. With `mesh` (a `data` axis), the prompts are decoded
+    low-res logits are computed. `refiner_features` (`inference.refiner_features` of the
+    images, for a model with a mask refiner) refines the upscaled masks; the low-res logits
+    stay the decoder's. With `mesh` (a `data` axis), the prompts are decoded
     data-parallel, the outputs sharded along P. Returns a `DevicePrediction` of jax arrays, P
     rows each.
 
@@ -187,21 +202,38 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                    input_size=None if input_size is None else tuple(map(int, input_size)),
                    original_size=None if original_size is None else
                    tuple(map(int, original_size)))
+    if refiner_features is not None and config.mask_refiner is None:
+        raise ValueError("refiner_features were given for a model without a mask refiner "
+                         "(SamConfig.mask_refiner is None)")
     if mesh is None:
-        out = decode_and_upscale(variables, embeddings, prompts, **options)
+        out = decode_and_upscale(variables, embeddings, prompts,
+                                 refiner_features=refiner_features, **options)
     else:
-        out = _decode_on_mesh(variables, embeddings, prompts, mesh=mesh, **options)
+        if refiner_features is not None:
+            refiner_features = jax.device_put(refiner_features, NamedSharding(mesh, Spec()))
+        out = _decode_on_mesh(variables, embeddings, prompts, refiner_features, mesh=mesh,
+                              **options)
     return out if prompts.coords.shape[0] == p else _first_rows(out, rows=p)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "config", "multimask_output", "with_masks",
                                              "return_logits", "input_size", "original_size"))
-def _decode_on_mesh(variables, embeddings, prompts, *, mesh: Mesh, **options):
+def _decode_on_mesh(variables, embeddings, prompts, refiner_features, *, mesh: Mesh,
+                    **options):
     """`decode_and_upscale` on each device's block of prompts (split along P over `data`),
-    with the variables and embeddings replicated; outputs sharded along P."""
-    body = functools.partial(decode_and_upscale, **options)
-    return jax.shard_map(body, mesh=mesh, in_specs=(Spec(), Spec(), Spec("data")),
-                         out_specs=Spec("data"))(variables, embeddings, prompts)
+    with the variables, embeddings and refiner features replicated; outputs sharded along P."""
+    if refiner_features is None:
+        body = functools.partial(decode_and_upscale, **options)
+        return jax.shard_map(body, mesh=mesh, in_specs=(Spec(), Spec(), Spec("data")),
+                             out_specs=Spec("data"))(variables, embeddings, prompts)
+
+    def body(variables, embeddings, prompts, refiner_features):
+        return decode_and_upscale(variables, embeddings, prompts,
+                                  refiner_features=refiner_features, **options)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(Spec(), Spec(), Spec("data"), Spec()),
+                         out_specs=Spec("data"))(variables, embeddings, prompts,
+                                                 refiner_features)
 
 
 @functools.partial(jax.jit, static_argnames=("rows",))

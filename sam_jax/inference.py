@@ -166,6 +166,24 @@ def embed_images(variables: Variables, images: jax.Array, *, config: SamConfig) 
     return Sam(config).apply(variables, images, method="embed_image")
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def refiner_features(variables: Variables, images: jax.Array, *,
+                     config: SamConfig) -> Optional[jax.Array]:
+    """(B, S, S, 3) prepared images -> the mask refiner's image features (B, S/2, S/2, width),
+    or None for a model without a refiner (`SamConfig.mask_refiner`)."""
+    if config.mask_refiner is None:
+        return None
+    return Sam(config).apply(variables, images, method="refiner_features")
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def refine_low_res(variables: Variables, features: jax.Array, low_res: jax.Array,
+                   image_index: jax.Array, *, config: SamConfig) -> jax.Array:
+    """low_res (P, C, 4h, 4w) decoder logits of prompts reading images `image_index` (P,) ->
+    (P, C, S/2, S/2) refined logits over the padded input frame, for `postprocess_masks`."""
+    return Sam(config).apply(variables, features[image_index], low_res, method="refine_masks")
+
+
 @functools.partial(jax.jit, static_argnames=("config", "multimask_output", "with_masks"))
 def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptBatch, *,
                    config: SamConfig, multimask_output: bool = True, with_masks: bool = True):
@@ -424,6 +442,7 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
     pixels = normalize_padded(np.stack(images), np.asarray(input_sizes), config.pixel_mean,
                               config.pixel_std)
     embeddings = embed_images(model.variables, pixels, config=config)
+    detail = refiner_features(model.variables, pixels, config=config)
 
     coords, labels, boxes, masks, index = [], [], [], [], []
     for i, prompts in enumerate(per_image):
@@ -444,13 +463,17 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
         model.variables, embeddings, batch._replace(num_prompts=None), config=config,
         multimask_output=multimask_output, with_masks=bool(batch.has_mask.any()))
 
+    shown = low_res  # what the masks are made of: the decoder's logits, or the refined ones
+    if detail is not None:
+        shown = refine_low_res(model.variables, detail, low_res, batch.image_index,
+                               config=config)
     outputs, index = [], np.asarray(index)
     for i in range(len(batched_input)):
         rows = np.flatnonzero(index == i)
         logits = low_res[rows]
         outputs.append({
             "masks": postprocess_masks(
-                logits, input_size=tuple(int(v) for v in input_sizes[i]),
+                shown[rows], input_size=tuple(int(v) for v in input_sizes[i]),
                 original_size=original_sizes[i], image_size=size,
                 threshold=config.mask_threshold),
             "iou_predictions": iou[rows],

@@ -50,6 +50,9 @@ class SamPredictor:
         self.reset_image()
         self.features = inference.embed_images(self.model.variables, prepared.pixels[None],
                                                config=self.model.config)
+        # a model with a mask refiner reads the image again when it upscales masks
+        self.refiner_features = inference.refiner_features(
+            self.model.variables, prepared.pixels[None], config=self.model.config)
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
         self.is_image_set = True
@@ -62,6 +65,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
+        self.refiner_features = None
         self.original_size = None
         self.input_size = None
 
@@ -159,7 +163,7 @@ class SamPredictor:
             self.model.variables, self.features, prompts, config=self.model.config,
             multimask_output=multimask_output, with_masks=bool(prompts.has_mask.any()),
             return_logits=return_logits, input_size=self.input_size,
-            original_size=self.original_size)
+            original_size=self.original_size, refiner_features=self.refiner_features)
         # The padded batch was upscaled (a fixed shape, so no retrace): drop the padding on
         # the host, where slicing is a view.
         n = prompts.num_prompts
@@ -181,6 +185,7 @@ class SamPredictor:
             self.model.variables, self.features, point_coords, point_labels,
             config=self.model.config, boxes=boxes, mask_inputs=mask_input,
             multimask_output=multimask_output, return_logits=return_logits,
+            refiner_features=self.refiner_features if upscale else None,
             **(sizes if upscale else {}))
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,

@@ -1,6 +1,7 @@
 """The bundled model's training tools in experiments/: the data engine's automatic stage on
 cached training views (data_engine_pseudo_labels.py), how train_default_model.py merges its
-output, and train_default_model.py's head averaging (--average-with)."""
+output, and train_default_model.py's head averaging (--average-with); train_mask_refiner.py's
+data helpers."""
 
 import os
 import sys
@@ -175,3 +176,25 @@ def test_train_only_freezes_the_rest_of_the_head():
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     for path, u in zip(paths, jax.tree_util.tree_leaves(updates)):
         assert (np.abs(np.asarray(u)).max() > 0) == (path in trained), path
+
+
+def test_mask_refiner_data_helpers():
+    from train_mask_refiner import CROP, REFINE_SIDE, crop_origin, halve, validation_photos
+
+    # a cell is in the halved mask when at least 2 of its 4 pixels are
+    full = np.zeros((4, 4), bool)
+    full[0, 0] = full[0, 1] = True  # 2 of the first cell's pixels
+    full[2, 2] = True  # 1 of the last cell's
+    np.testing.assert_array_equal(halve(full), [[True, False], [False, False]])
+    # the validation photos: a fixed 10%, the same on every call
+    val = validation_photos(1462)
+    assert val.sum() == 146 and np.array_equal(val, validation_photos(1462))
+    # crop windows lie inside the frame and contain the outline point they were drawn around
+    target = np.zeros((REFINE_SIDE, REFINE_SIDE), bool)
+    target[100:140, 30:60] = True
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        r, c = crop_origin(target, rng)
+        assert 0 <= r <= REFINE_SIDE - CROP and 0 <= c <= REFINE_SIDE - CROP
+        window = target[r:r + CROP, c:c + CROP]
+        assert window.any() and not window.all()  # the outline is inside the window

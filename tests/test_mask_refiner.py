@@ -1,0 +1,148 @@
+"""The learned mask refiner (`modeling/mask_refiner.py`, `SamConfig.mask_refiner`): what it
+computes, and that every path that shows masks (predictor, device API, official batched
+forward, automatic generator) shows the refined ones while the low-res logits stay the
+decoder's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sam_jax
+from conftest import load_truck
+from sam_jax import configs, inference
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_jax.configs import MaskRefinerConfig, SamConfig
+from sam_jax.device_predict import predict_on_device
+from sam_jax.inference import SamModel
+from sam_jax.modeling.mask_refiner import MaskRefiner, upsample_logits
+from sam_jax.predictor import SamPredictor
+
+REFINER = MaskRefinerConfig(width=8, dilations=(1, 2))
+
+
+def _perturbed(params, seed):
+    """Random non-zero values in every refiner leaf (a fresh one starts as the identity)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape)
+                                     for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def refined_and_plain():
+    """A tiny model with a trained-looking refiner, and the same model without one."""
+    cfg = configs.tiny().replace(mask_refiner=REFINER)
+    variables = sam_jax.init_variables(cfg, jax.random.key(0))
+    params = dict(variables["params"])
+    params["mask_refiner"] = _perturbed(params["mask_refiner"], 1)
+    plain = {k: v for k, v in params.items() if k != "mask_refiner"}
+    return (SamModel(cfg, {"params": params, "buffers": variables["buffers"]}),
+            SamModel(configs.tiny(), {"params": plain, "buffers": variables["buffers"]}))
+
+
+def test_fresh_refiner_returns_the_upsampled_decoder_logits():
+    refiner = MaskRefiner(8, (1, 2))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    low = 5 * jax.random.normal(jax.random.key(1), (2, 3, 8, 8))
+    params = refiner.init(jax.random.key(2), images, low)
+    out = refiner.apply(params, images, low)
+    assert out.shape == (2, 3, 16, 16)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(upsample_logits(low, 16)))
+
+
+def test_masks_of_one_image_are_refined_independently():
+    refiner = MaskRefiner(8, (1, 2))
+    images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+    low = 5 * jax.random.normal(jax.random.key(1), (1, 3, 8, 8))
+    params = {"params": _perturbed(refiner.init(jax.random.key(2), images, low)["params"], 3)}
+    together = np.asarray(refiner.apply(params, images, low))
+    for i in range(3):
+        alone = np.asarray(refiner.apply(params, images, low[:, i:i + 1]))
+        np.testing.assert_allclose(alone[:, 0], together[:, i], rtol=0, atol=1e-5)
+    # and the refinement does change the masks once trained
+    assert np.abs(together - np.asarray(upsample_logits(low, 16))).max() > 0.1
+
+
+def test_config_round_trip_and_checks():
+    cfg = configs.dinov2_s().replace(mask_refiner=MaskRefinerConfig())
+    again = SamConfig.from_json(cfg.to_json())
+    assert again == cfg and again.mask_refiner.dilations == (1, 2, 4, 8, 1)
+    assert SamConfig.from_json(configs.dinov2_s().to_json()).mask_refiner is None
+    with pytest.raises(ValueError, match="dilations"):
+        MaskRefinerConfig(width=8, dilations=(0,))
+    # the refiner is an add-on: the preset stays the one of its architecture
+    assert configs.preset_name(cfg) == "dinov2_s"
+
+
+def _prompt():
+    return np.array([[60.0, 40.0], [20.0, 70.0]], np.float32), np.array([1, 0])
+
+
+def test_predictor_shows_refined_masks_and_returns_decoder_logits(refined_and_plain):
+    refined, plain = refined_and_plain
+    image = load_truck((150, 100))
+    p_ref, p_plain = SamPredictor(refined), SamPredictor(plain)
+    p_ref.set_image(image)
+    p_plain.set_image(image)
+    coords, labels = _prompt()
+    logits_ref, iou_ref, low_ref = p_ref.predict(coords, labels, return_logits=True)
+    logits_plain, iou_plain, low_plain = p_plain.predict(coords, labels, return_logits=True)
+    # the decoder is the same model: same IoU and low-res logits (the next click's prompt)
+    np.testing.assert_array_equal(low_ref, low_plain)
+    np.testing.assert_array_equal(iou_ref, iou_plain)
+    # the shown masks are the refined logits, upscaled as the decoder's would be
+    cfg = refined.config
+    by_hand = inference.postprocess_masks(
+        inference.refine_low_res(refined.variables, p_ref.refiner_features,
+                                 jnp.asarray(low_ref)[None], jnp.zeros((1,), jnp.int32),
+                                 config=cfg)[0],
+        input_size=p_ref.input_size, original_size=p_ref.original_size,
+        image_size=cfg.image_size)
+    np.testing.assert_allclose(logits_ref, np.asarray(by_hand), rtol=0, atol=1e-4)
+    assert np.abs(logits_ref - logits_plain).max() > 0.1
+    masks, _, _ = p_ref.predict(coords, labels)
+    np.testing.assert_array_equal(masks, logits_ref > cfg.mask_threshold)
+
+
+def test_device_api_and_batched_forward_equal_the_predictor(refined_and_plain):
+    refined, _ = refined_and_plain
+    image = load_truck((150, 100))
+    predictor = SamPredictor(refined)
+    predictor.set_image(image)
+    coords, labels = _prompt()
+    masks, iou, low = predictor.predict(coords, labels)
+    frame = predictor.transform.apply_coords(coords, image.shape[:2])
+    out = predictor.predict_jax(jnp.asarray(frame[None]), jnp.asarray(labels[None]))
+    np.testing.assert_array_equal(np.asarray(out.masks)[0], masks)
+    np.testing.assert_allclose(np.asarray(out.low_res_logits)[0], low, rtol=0, atol=1e-5)
+    resized = predictor.transform.apply_image(image)
+    batched = refined([{"image": resized.transpose(2, 0, 1), "original_size": image.shape[:2],
+                        "point_coords": frame[None], "point_labels": labels[None]}],
+                      multimask_output=True)
+    np.testing.assert_array_equal(np.asarray(batched[0]["masks"])[0], masks)
+
+
+def test_refiner_features_for_a_model_without_refiner_are_refused(refined_and_plain):
+    refined, plain = refined_and_plain
+    predictor = SamPredictor(refined)
+    predictor.set_image(load_truck((150, 100)))
+    emb = predictor.features
+    with pytest.raises(ValueError, match="without a mask refiner"):
+        predict_on_device(plain.variables, emb, jnp.zeros((1, 1, 2)), jnp.ones((1, 1), int),
+                          config=plain.config, input_size=predictor.input_size,
+                          original_size=predictor.original_size,
+                          refiner_features=predictor.refiner_features)
+
+
+def test_generator_keeps_refined_masks_with_their_own_boxes(refined_and_plain):
+    refined, _ = refined_and_plain
+    gen = SamAutomaticMaskGenerator(refined, points_per_side=4, pred_iou_thresh=0.0,
+                                    stability_score_thresh=0.0)
+    records = gen.generate(load_truck((150, 100)))
+    assert records, "the tiny model's generator kept nothing with the filters off"
+    for r in records:
+        rows, cols = np.flatnonzero(r["segmentation"].any(1)), np.flatnonzero(
+            r["segmentation"].any(0))
+        assert r["bbox"] == [cols[0], rows[0], cols[-1] - cols[0], rows[-1] - rows[0]]
+        assert r["area"] == int(r["segmentation"].sum())
