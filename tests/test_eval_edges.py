@@ -279,3 +279,22 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="boundary"):
         E.boundary_pixels(np.zeros((3, 3), bool), "ring")
     assert E.EdgeOptions() == E.EdgeOptions(16, 0.7, 64, True, "band")
+
+
+def test_refined_model_edges_come_from_the_refined_masks():
+    from sam_jax.configs import MaskRefinerConfig
+
+    cfg = sam_jax.tiny().replace(mask_refiner=MaskRefinerConfig(width=8, dilations=(1, 2)))
+    variables = random_variables(cfg, seed=3)
+    refined = SamModel(cfg, variables)
+    image = _image(0)
+    # no suppression: the host reference's NMS (on refined boxes) and the device's (on the
+    # decoder's) keep the same 768 masks, so the edge maps must agree
+    found = E.soft_edges(refined, image, E.EdgeOptions(nms_thresh=1.0))
+    expected, kept = _reference_soft_edges(refined, image, 1.0)
+    assert found.num_masks == kept == 768
+    np.testing.assert_allclose(found.edges, expected, atol=2e-5)
+    plain_params = {k: v for k, v in variables["params"].items() if k != "mask_refiner"}
+    plain = SamModel(sam_jax.tiny(), {"params": plain_params, "buffers": variables["buffers"]})
+    unrefined = E.soft_edges(plain, image, E.EdgeOptions(nms_thresh=1.0))
+    assert np.abs(found.edges - unrefined.edges).max() > 1e-3
