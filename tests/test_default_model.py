@@ -12,6 +12,7 @@ from PIL import Image
 
 import sam_jax
 from sam_jax import cli
+from sam_jax.configs import MaskRefinerConfig
 from sam_jax.training.evaluate import evaluate_clicks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,9 @@ def _box_stats(mask, box):
 def test_bundled_model_loads_and_is_small(model):
     assert os.path.isdir(sam_jax.DEFAULT_CHECKPOINT)
     assert _size_mb(sam_jax.DEFAULT_CHECKPOINT) < 45
-    assert model.config == sam_jax.get_config("dinov2_s")
+    # the dinov2_s architecture with the learned mask refiner on top
+    assert model.config == sam_jax.get_config("dinov2_s").replace(
+        mask_refiner=MaskRefinerConfig())
 
 
 def test_bundled_model_segments_davis_frames(model):
@@ -137,3 +140,13 @@ def test_missing_bundled_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert status == 1
     assert "bundled default model is missing" in err and "--checkpoint" in err
+
+
+def test_bundled_model_has_a_trained_refiner(model):
+    assert model.config.mask_refiner == MaskRefinerConfig()
+    refiner = model.variables["params"]["mask_refiner"]
+    assert set(refiner) == ({"image_in", "image_mid", "fuse", "out", "out_norm"}
+                            | {f"blocks_{i}" for i in range(5)}
+                            | {f"norms_{i}" for i in range(5)})
+    # trained: its last layer (zero at initialization) is not the identity's
+    assert float(np.abs(np.asarray(refiner["out"]["kernel"])).max()) > 1e-3
