@@ -180,8 +180,24 @@ def refiner_features(variables: Variables, images: jax.Array, *,
 def refine_low_res(variables: Variables, features: jax.Array, low_res: jax.Array,
                    image_index: jax.Array, *, config: SamConfig) -> jax.Array:
     """low_res (P, C, 4h, 4w) decoder logits of prompts reading images `image_index` (P,) ->
-    (P, C, S/2, S/2) refined logits over the padded input frame, for `postprocess_masks`."""
-    return Sam(config).apply(variables, features[image_index], low_res, method="refine_masks")
+    (P, C, S/2, S/2) refined logits over the padded input frame, for `postprocess_masks`.
+
+    Prompts go REFINE_GROUP at a time when P is a multiple of it: each prompt reads its own
+    copy of its image's features (6 MB at 448 px), which a few hundred prompts at once would
+    multiply into gigabytes."""
+    def refine(args):
+        index, logits = args
+        return Sam(config).apply(variables, features[index], logits, method="refine_masks")
+
+    p = low_res.shape[0]
+    if p <= REFINE_GROUP or p % REFINE_GROUP:
+        return refine((image_index, low_res))
+    grouped = jax.lax.map(refine, (image_index.reshape(-1, REFINE_GROUP),
+                                   low_res.reshape((-1, REFINE_GROUP) + low_res.shape[1:])))
+    return grouped.reshape((p,) + grouped.shape[2:])
+
+
+REFINE_GROUP = 16
 
 
 @functools.partial(jax.jit, static_argnames=("config", "multimask_output", "with_masks"))

@@ -146,3 +146,20 @@ def test_generator_keeps_refined_masks_with_their_own_boxes(refined_and_plain):
             r["segmentation"].any(0))
         assert r["bbox"] == [cols[0], rows[0], cols[-1] - cols[0], rows[-1] - rows[0]]
         assert r["area"] == int(r["segmentation"].sum())
+
+
+def test_many_prompts_are_refined_in_groups_with_equal_results(refined_and_plain):
+    refined, _ = refined_and_plain
+    cfg = refined.config
+    predictor = SamPredictor(refined)
+    predictor.set_image(load_truck((150, 100)))
+    p = 2 * inference.REFINE_GROUP
+    low = 5 * jax.random.normal(jax.random.key(4), (p, 3) + (cfg.low_res_size,) * 2)
+    index = jnp.zeros((p,), jnp.int32)
+    grouped = inference.refine_low_res(refined.variables, predictor.refiner_features, low,
+                                       index, config=cfg)
+    for rows in (slice(0, 1), slice(p - 3, p)):  # fewer than a group: one shot
+        alone = inference.refine_low_res(refined.variables, predictor.refiner_features,
+                                         low[rows], index[rows], config=cfg)
+        np.testing.assert_allclose(np.asarray(grouped[rows]), np.asarray(alone), rtol=0,
+                                   atol=1e-5)
