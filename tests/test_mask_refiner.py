@@ -163,3 +163,27 @@ def test_many_prompts_are_refined_in_groups_with_equal_results(refined_and_plain
                                          low[rows], index[rows], config=cfg)
         np.testing.assert_allclose(np.asarray(grouped[rows]), np.asarray(alone), rtol=0,
                                    atol=1e-5)
+
+
+def test_training_from_a_refined_checkpoint_keeps_its_refiner_frozen(refined_and_plain):
+    from sam_jax.training.config import from_dict
+    from sam_jax.training.optim import make_optimizer
+    from sam_jax.training.train import _keep_refiner
+
+    refined, _ = refined_and_plain
+    cfg = from_dict({"model": "tiny", "optim": {"preset": "tiny"}, "data": {},
+                     "init_from": "CKPT"})
+    kept = _keep_refiner(cfg, refined.config)
+    assert kept.model == cfg.model.replace(mask_refiner=REFINER)
+    assert "mask_refiner" in kept.optim.freeze
+    assert _keep_refiner(cfg, configs.tiny()) == cfg  # nothing to keep
+    assert _keep_refiner(kept, refined.config) == kept  # already kept
+    # one optimizer step with non-zero gradients everywhere: the refiner does not move
+    # (no update, no weight decay), the decoder does
+    params = refined.variables["params"]
+    opt = make_optimizer(kept.optim, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = opt.update(grads, opt.init(params), params)  # step 0: warmup's zero lr
+    updates, _ = opt.update(grads, state, params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates["mask_refiner"]))
+    assert float(jnp.abs(updates["mask_decoder"]["output_upscaling.0"]["kernel"]).max()) > 0

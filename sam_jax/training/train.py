@@ -71,18 +71,33 @@ def _prepare_data_here(cfg: TrainConfig):
     return train, (datasets.load_source(builder, "validation") if has_eval else None)
 
 
+def _keep_refiner(cfg: TrainConfig, config) -> TrainConfig:
+    """A starting checkpoint with a mask refiner (the bundled model) keeps it, frozen: the
+    training loss never reads it (it shapes the masks users see, not the decoder's), and the
+    exported model should show refined masks as the checkpoint did."""
+    if config.mask_refiner is None or cfg.model.mask_refiner is not None:
+        return cfg
+    print(f"{cfg.init_from}: keeping its mask refiner, frozen", flush=True)
+    return dataclasses.replace(
+        cfg, model=cfg.model.replace(mask_refiner=config.mask_refiner),
+        optim=dataclasses.replace(cfg.optim, freeze=tuple(cfg.optim.freeze) + ("mask_refiner",)))
+
+
 def _initial_variables(cfg: TrainConfig):
+    """(cfg, variables): the starting variables, and the config to train them with (a
+    refiner of the starting checkpoint is kept: `_keep_refiner`)."""
     if cfg.init_from:
         from ..checkpoints import load_variables
 
         config, variables = load_variables(cfg.init_from, config=None)
+        cfg = _keep_refiner(cfg, config)
         if jax.tree.map(np.shape, variables["params"]) != jax.tree.map(
                 np.shape, jax.eval_shape(lambda: init_variables(cfg.model, jax.random.key(0)))
                 ["params"]):
             raise ValueError(f"{cfg.init_from}: its parameters do not match the configured "
                              "model; set model to the checkpoint's type")
-        return variables
-    return init_variables(cfg.model, jax.random.key(cfg.step.seed))
+        return cfg, variables
+    return cfg, init_variables(cfg.model, jax.random.key(cfg.step.seed))
 
 
 def _to_host(tree):
@@ -213,7 +228,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
     os.makedirs(cfg.workdir, exist_ok=True)
     train_source, eval_source = _prepare_data(cfg)
     mesh = data_mesh()
-    variables = _initial_variables(cfg)
+    cfg, variables = _initial_variables(cfg)
     params, buffers = variables["params"], variables["buffers"]
     optimizer = make_optimizer(cfg.optim, params)
     shapes = jax.eval_shape(lambda p, b: (p, b), params, buffers)
