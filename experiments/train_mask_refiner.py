@@ -121,6 +121,17 @@ class RefinerData:
         return out
 
 
+def inside_image(batch):
+    """(B, REFINE_SIDE, REFINE_SIDE) bool: the refiner cells over the image, not its padding
+    (jax; traced in the loss, called on host batches in validation)."""
+    import jax.numpy as jnp
+
+    half = (jnp.asarray(batch["input_size"]) + 1) // 2
+    r = jnp.arange(REFINE_SIDE)
+    return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
+                                                           < half[:, 1, None, None])
+
+
 def crop_origin(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(row, col) of a CROP x CROP window of the refiner frame around a random pixel of the
     target's outline (where the decoder's errors are), inside the frame."""
@@ -139,10 +150,9 @@ def make_functions(cfg, head_vars, refiner):
     """jitted (coarse logits from the frozen head, loss, step) closures."""
     import jax
     import jax.numpy as jnp
-
-    from sam_jax.modeling import PAD_LABEL, Sam
     import optax
 
+    from sam_jax.modeling import PAD_LABEL, Sam
     from sam_jax.modeling.mask_refiner import upsample_logits
     from sam_jax.training.losses import dice_loss
     from sam_jax.training.simulation import (_image_region, add_click, best_logits,
@@ -178,12 +188,6 @@ def make_functions(cfg, head_vars, refiner):
         pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
                                   cfg.pixel_std)
         return refiner.apply({"params": rparams}, pixels, low_res[:, None])[:, 0]
-
-    def inside_image(batch):
-        half = (batch["input_size"] + 1) // 2
-        r = jnp.arange(REFINE_SIDE)
-        return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
-                                                               < half[:, 1, None, None])
 
     def crop(x, origin, scale):  # (B, H, W, ...) windows at origin * scale
         size = CROP * scale
@@ -260,15 +264,14 @@ def main(argv=None) -> int:
         return export_refined(args, cfg, variables, params_path)
 
     if args.validate:
-        flat = dict(np.load(params_path))
-        rparams = jax.tree_util.tree_map(lambda x: x, unflatten(flat))
+        rparams = load_params(params_path)
         views = np.flatnonzero(data.is_val)
         rng = np.random.default_rng(123)
         rows = []  # (dataset, prompt, decoder IoU, refined IoU)
         for start in tqdm(range(0, len(views), 8), desc="validation"):
             chunk = views[start:start + 8]
             batch = data.batch(chunk, rng)
-            inside = make_inside(batch)
+            inside = np.asarray(inside_image(batch))
             for name, prob in (("first prompt", 0.0), ("after a corrective click", 1.0)):
                 low = coarse(batch, jax.random.key(start), prob)
                 base = iou_at(refiner_identity(low), batch["target"], inside)
@@ -301,7 +304,7 @@ def main(argv=None) -> int:
     rparams = refiner.init(jax.random.key(args.seed), np.zeros((1, 448, 448, 3), np.float32),
                            np.zeros((1, 1, 128, 128), np.float32))["params"]
     if args.init_from:
-        loaded = unflatten(dict(np.load(args.init_from)))
+        loaded = load_params(args.init_from)
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
         rparams = loaded
@@ -337,8 +340,8 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=f"{m['loss']:.3f}", dec=f"{m['iou_decoder']:.3f}",
                             ref=f"{m['iou_refined']:.3f}")
         if (i + 1) % 100 == 0:  # a snapshot to validate while training goes on
-            np.savez(params_path, **flatten(jax.device_get(rparams)))
-    np.savez(params_path, **flatten(jax.device_get(rparams)))
+            save_params(params_path, rparams)
+    save_params(params_path, rparams)
     print(f"wrote {params_path}")
     return 0
 
@@ -356,7 +359,7 @@ def export_refined(args, cfg, variables, params_path: str) -> int:
     from sam_jax.configs import MaskRefinerConfig
     from train_default_model import export, head_params
 
-    rparams = unflatten(dict(np.load(params_path)))
+    rparams = load_params(params_path)
     refined_cfg = dataclasses.replace(cfg, mask_refiner=MaskRefinerConfig())
     trained = dict(jax.device_get(head_params(variables["params"])), mask_refiner=rparams)
     _, metadata = read_config(args.model)
@@ -371,37 +374,25 @@ def export_refined(args, cfg, variables, params_path: str) -> int:
                       source_note=", mask refiner by experiments/train_mask_refiner.py")
 
 
-def make_inside(batch) -> np.ndarray:
-    half = (np.asarray(batch["input_size"]) + 1) // 2
-    r = np.arange(REFINE_SIDE)
-    return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
-                                                           < half[:, 1, None, None])
-
-
 def refiner_identity(low_res):
     from sam_jax.modeling.mask_refiner import upsample_logits
     return upsample_logits(low_res, REFINE_SIDE)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
+def save_params(path: str, params) -> None:
+    """The refiner's parameters as one .npz, leaves named by their "a/b" paths."""
+    import jax
+    from flax import traverse_util
+
+    leaves = jax.tree.map(np.asarray, jax.device_get(params))
+    np.savez(path, **traverse_util.flatten_dict(leaves, sep="/"))
 
 
-def unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+def load_params(path: str) -> dict:
+    from flax import traverse_util
+
+    with np.load(path) as f:
+        return traverse_util.unflatten_dict(dict(f), sep="/")
 
 
 if __name__ == "__main__":

@@ -202,9 +202,6 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                    input_size=None if input_size is None else tuple(map(int, input_size)),
                    original_size=None if original_size is None else
                    tuple(map(int, original_size)))
-    if refiner_features is not None and config.mask_refiner is None:
-        raise ValueError("refiner_features were given for a model without a mask refiner "
-                         "(SamConfig.mask_refiner is None)")
     if mesh is None:
         out = decode_and_upscale(variables, embeddings, prompts,
                                  refiner_features=refiner_features, **options)
