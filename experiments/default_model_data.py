@@ -38,6 +38,25 @@ HORSE_HELDOUT = 48
 MAX_MASKS = 16
 SHARD = 32
 MIN_MASK_PX = 64  # in the 448 frame: smaller objects are dropped from a view
+VIEWS_PER_PHOTO = 2  # training_views: views 2i and 2i+1 come from training photo i
+VALIDATION_FRACTION = 0.1
+
+
+def validation_photos(num_photos: int) -> np.ndarray:
+    """(num_photos,) bool: the validation photos, a fixed random 10% of the training photos
+    (seed 1). Settings are chosen on them, not on the held-out photos; the mask refiner and the
+    head's later fine-tunings (`train_default_model.py --hold-out-validation`) never train on
+    them."""
+    chosen = np.random.default_rng(1).permutation(num_photos)[:int(num_photos
+                                                                  * VALIDATION_FRACTION)]
+    out = np.zeros(num_photos, bool)
+    out[chosen] = True
+    return out
+
+
+def validation_views(num_views: int) -> np.ndarray:
+    """(num_views,) bool: the cached training views of the validation photos."""
+    return np.repeat(validation_photos(num_views // VIEWS_PER_PHOTO), VIEWS_PER_PHOTO)
 
 
 def _load_rgb(path: str) -> np.ndarray:
@@ -164,7 +183,7 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
     whole_objects = [(i, it) for i, it in enumerate(items)]
     for index, item in enumerate(items):
         image, masks, _ = load_example(item)
-        for view in (0, 1):
+        for view in range(VIEWS_PER_PHOTO):
             rng = np.random.default_rng([index, view, 2026])
             donor = None
             if view:

@@ -38,17 +38,20 @@ THRESHOLDS = tuple(np.round(np.arange(0.2, 0.701, 0.05), 2))
 
 
 def heldout_sets(root: str, limit: int | None, parts_photos: int,
-                 davis_stride: int, heldout: bool = True) -> dict[str, list]:
+                 davis_stride: int, heldout: bool = True,
+                 only: set | None = None) -> dict[str, list]:
     """name -> list of (item, image, masks) for each held-out evaluation set: every
     `davis_stride`-th frame of the held-out DAVIS sequences, and the parts of only the first
     `parts_photos` held-out clothing photos (each has ~7). `heldout=False` builds the same
-    sets from the training photos instead (for choices that must not see held-out data)."""
+    sets from the training photos instead (for choices that must not see held-out data);
+    `only`: keep just these (dataset, name) photos (e.g. `validation_names`)."""
     from default_model_data import list_items, load_example
 
     sets: dict[str, list] = {"davis": [], "horse": [], "person": [], "clothing-parts": []}
     davis_seen = 0
     for item in list_items(root):
-        if item["heldout"] != heldout:
+        if item["heldout"] != heldout or (only is not None
+                                          and (item["dataset"], item["name"]) not in only):
             continue
         if item["dataset"] == "davis":
             davis_seen += 1
@@ -64,6 +67,17 @@ def heldout_sets(root: str, limit: int | None, parts_photos: int,
     if limit:
         sets = {k: v[:: max(1, len(v) // limit)][:limit] for k, v in sets.items()}
     return sets
+
+
+def validation_names(cache_dir: str) -> set:
+    """(dataset, name) of the validation photos: `default_model_data.validation_photos` over
+    the training photos in the order the feature cache stored them (its split.json)."""
+    from default_model_data import validation_photos
+
+    with open(os.path.join(cache_dir, "split.json")) as f:
+        train = json.load(f)["train"]
+    chosen = validation_photos(len(train))
+    return {(item["dataset"], item["name"]) for item, c in zip(train, chosen) if c}
 
 
 class CosineBaseline:
@@ -299,6 +313,12 @@ def main(argv=None) -> int:
                         help="every n-th frame of the held-out DAVIS sequences")
     parser.add_argument("--parts-photos", type=int, default=25,
                         help="held-out clothing photos whose parts are scored")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "validation"),
+                        help="validation: the validation photos (a fixed 10%% of the training "
+                             "photos, every DAVIS frame among them), where settings are chosen")
+    parser.add_argument("--cache", default="runs/default/cache",
+                        help="--split validation: the feature cache whose split.json orders "
+                             "the training photos")
     parser.add_argument("--out", default="experiments/results/default_model")
     parser.add_argument("--previous", default=None,
                         help="a JSON this script wrote: its models and baseline are reused "
@@ -308,8 +328,12 @@ def main(argv=None) -> int:
     import sam_jax
 
     sam_jax.keep_freed_host_memory()
-    sets = heldout_sets(args.data, args.limit, args.parts_photos, args.davis_stride)
-    print({k: len(v) for k, v in sets.items()}, "held-out images per set")
+    if args.split == "validation":
+        sets = heldout_sets(args.data, args.limit, args.parts_photos, 1, heldout=False,
+                            only=validation_names(args.cache))
+    else:
+        sets = heldout_sets(args.data, args.limit, args.parts_photos, args.davis_stride)
+    print({k: len(v) for k, v in sets.items()}, f"{args.split} images per set")
     drawn = {}
     for set_name, items in sets.items():
         for item, _, _ in items[:: max(1, len(items) // 3)][:3]:

@@ -38,6 +38,7 @@ class FeatureCache:
                                                    ("features", "masks", "boxes", "mask_valid",
                                                     "input_size", "area")}
         self.arrays: dict[str, np.ndarray] = {}
+        self.pool: np.ndarray | None = None  # the views batches draw from (None: all)
 
     def rescan(self) -> int:
         new = [p for p in sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
@@ -82,7 +83,10 @@ class FeatureCache:
         `masks_per_view` of its masks without replacement, with probability proportional to
         area ** area_bias (invalid slots padded)."""
         rng = np.random.default_rng([seed, step])
-        views = rng.integers(0, len(self), batch_size)
+        if self.pool is None:
+            views = rng.integers(0, len(self), batch_size)
+        else:
+            views = self.pool[rng.integers(0, len(self.pool), batch_size)]
         side = self.arrays["masks"].shape[-2]
         out = {"features": self.arrays["features"][views].astype(np.float32),
                "input_size": self.arrays["input_size"][views],
@@ -174,6 +178,12 @@ def main(argv=None) -> int:
     parser.add_argument("--center-click-prob", type=float, default=0.0,
                         help="share of corrective clicks at the error region's interior, where "
                              "the evaluation clicks (0: uniform over it, the paper's rule)")
+    parser.add_argument("--background-click-prob", type=float, default=0.0,
+                        help="share of corrective clicks that are negative clicks on the "
+                             "background near the object (0: the paper's rule)")
+    parser.add_argument("--hold-out-validation", action="store_true",
+                        help="never train on the validation photos "
+                             "(default_model_data.validation_photos)")
     parser.add_argument("--peak-lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--decay-steps", default=None, metavar="A,B",
@@ -245,7 +255,8 @@ def main(argv=None) -> int:
     mesh = data_mesh()
     compiled = compile_train_step(train_cfg, optim, StepConfig(
         seed=args.seed, click_rounds=args.click_rounds, remat_rounds=False,
-        center_click_prob=args.center_click_prob), params, buffers, mesh,
+        center_click_prob=args.center_click_prob,
+        background_click_prob=args.background_click_prob), params, buffers, mesh,
                                   optimizer=optimizer, batch_keys=FEATURE_BATCH_KEYS)
     ckpt = TrainCheckpointer(os.path.join(args.workdir, "checkpoints"),
                              save_every=args.save_every, keep=3)
@@ -267,7 +278,14 @@ def main(argv=None) -> int:
                       thresholds_json=args.generator_thresholds)
 
     cache = FeatureCache(args.cache, args.pseudo)
+    from default_model_data import validation_views
+
+    def set_pool():
+        if args.hold_out_validation:
+            cache.pool = np.flatnonzero(~validation_views(len(cache)))
+
     cache.rescan()
+    set_pool()
     print(f"{len(cache)} cached views" + (f", {cache.pseudo_masks} pseudo-labelled masks"
                                           if args.pseudo else ""))
     log = open(os.path.join(args.workdir, "metrics.jsonl"), "a")
@@ -275,6 +293,7 @@ def main(argv=None) -> int:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
     for step in bar:
         if step % args.rescan_every == 0 and cache.rescan():
+            set_pool()
             bar.write(f"step {step}: {len(cache)} cached views")
         batch = cache.batch(step, args.batch_size, args.masks_per_view, args.seed,
                             args.area_bias)

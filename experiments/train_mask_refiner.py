@@ -30,18 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-VALIDATION_FRACTION = 0.1
+from default_model_data import validation_views  # noqa: E402
+
 REFINE_SIDE = 224
 CROP = 128  # training windows (refiner cells), centred on a point of the target's outline
-
-
-def validation_photos(num_photos: int) -> np.ndarray:
-    """(num_photos,) bool: the refiner's validation photos (a fixed random 10%, seed 1)."""
-    chosen = np.random.default_rng(1).permutation(num_photos)[:int(num_photos
-                                                                  * VALIDATION_FRACTION)]
-    out = np.zeros(num_photos, bool)
-    out[chosen] = True
-    return out
 
 
 def halve(masks: np.ndarray) -> np.ndarray:
@@ -97,8 +89,7 @@ class RefinerData:
                              f"{len(self.cache)}: rerun --build-data")
         self.names = np.concatenate([np.load(p)["names"] for p in self.cache.loaded])
         # view 2i and 2i+1 come from training photo i
-        val_photo = validation_photos(len(self.cache) // 2)
-        self.is_val = np.repeat(val_photo, 2)
+        self.is_val = validation_views(len(self.cache))
 
     def batch(self, views: np.ndarray, rng: np.random.Generator) -> dict:
         a = self.cache.arrays

@@ -101,6 +101,31 @@ def test_feature_cache_fills_free_slots_with_pseudo_labels(tmp_path):
     assert batch["mask_valid"].sum() in range(4, 9)
 
 
+def test_held_out_validation_views_are_never_drawn(tmp_path):
+    from default_model_data import validation_views
+
+    n = 40  # 20 photos, 2 views each; 2 of the photos are validation photos
+    masks = np.zeros((n, 1, 16, 16), bool)
+    masks[:, 0, :4, :4] = True
+    _write_shard(tmp_path / "train_0000.npz", np.ones((n, 1), bool), masks)
+    with np.load(tmp_path / "train_0000.npz") as shard:  # each view's features: its index
+        data = dict(shard)
+    data["features"] = np.arange(n, dtype=np.float16).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3))
+    np.savez(tmp_path / "train_0000.npz", **data)
+    val = validation_views(n)
+    assert val.sum() == 4 and (val[0::2] == val[1::2]).all()  # both views of a photo
+    cache = FeatureCache(str(tmp_path))
+    cache.rescan()
+    cache.pool = np.flatnonzero(~val)
+    drawn = {int(cache.batch(step, 8, 1, seed=0)["features"][i, 0, 0, 0])
+             for step in range(60) for i in range(8)}
+    assert drawn == set(np.flatnonzero(~val).tolist())
+    cache.pool = None  # the default: every view
+    everything = {int(cache.batch(step, 8, 1, seed=0)["features"][i, 0, 0, 0])
+                  for step in range(60) for i in range(8)}
+    assert everything == set(range(n))
+
+
 def test_pseudo_labels_may_not_overwrite_annotations(tmp_path):
     cache, pseudo = tmp_path / "cache", tmp_path / "pseudo"
     cache.mkdir()
@@ -179,7 +204,8 @@ def test_train_only_freezes_the_rest_of_the_head():
 
 
 def test_mask_refiner_data_helpers():
-    from train_mask_refiner import CROP, REFINE_SIDE, crop_origin, halve, validation_photos
+    from default_model_data import validation_photos
+    from train_mask_refiner import CROP, REFINE_SIDE, crop_origin, halve
 
     # a cell is in the halved mask when at least 2 of its 4 pixels are
     full = np.zeros((4, 4), bool)

@@ -166,6 +166,40 @@ def test_add_click_center_prob_one_clicks_the_error_interior():
     assert set(_cells(np.asarray(uniform.coords)[:, 2])[:, 0]) == set(range(14, 20))
 
 
+def test_background_band_is_the_ring_around_the_mask_inside_the_image():
+    gt = np.zeros((2, SIDE, SIDE), bool)
+    gt[:, 10:16, 12:20] = True
+    sizes = np.array([[S, S], [4 * 14, S]], np.int32)  # the second image ends at row 14
+    band = np.asarray(sim.background_band(jnp.asarray(gt), _inside(sizes), band=2))
+    ring = np.zeros((SIDE, SIDE), bool)
+    ring[8:18, 10:22] = True
+    ring[10:16, 12:20] = False
+    np.testing.assert_array_equal(band[0], ring)
+    np.testing.assert_array_equal(band[1], ring & (np.arange(SIDE) < 14)[:, None])
+
+
+def test_add_click_background_prob_one_gives_negative_clicks_beside_the_object():
+    # a perfect prediction has no error, yet a background round still clicks: negative, outside
+    # the mask, within the band; with background_prob 0 the same round adds nothing
+    p = 64
+    gt = np.zeros((p, SIDE, SIDE), bool)
+    gt[:, 10:16, 12:20] = True
+    sizes = np.full((p, 2), S, np.int32)
+    args = (_empty_prompts(p), _logits(gt), jnp.asarray(gt), _inside(sizes), True)
+    out = sim.add_click(jax.random.key(5), *args, background_prob=1.0)
+    assert (np.asarray(out.num_clicks) == 1).all()
+    assert (np.asarray(out.labels)[:, 2] == 0).all()
+    c = _cells(np.asarray(out.coords)[:, 2])
+    band = np.asarray(sim.background_band(jnp.asarray(gt), _inside(sizes)))[0]
+    assert band[c[:, 1], c[:, 0]].all() and not gt[0][c[:, 1], c[:, 0]].any()
+    assert len({tuple(x) for x in c}) > p // 2  # drawn over the band, not one cell
+    none = sim.add_click(jax.random.key(5), *args)
+    assert (np.asarray(none.num_clicks) == 0).all()
+    # half the rounds: about half the prompts take a background click
+    half = sim.add_click(jax.random.key(6), *args, background_prob=0.5)
+    assert 0.3 < np.asarray(half.num_clicks).mean() < 0.7
+
+
 def test_add_click_nothing_for_perfect_prediction_or_disabled_round():
     p = 8
     rng = np.random.default_rng(3)

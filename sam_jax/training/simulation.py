@@ -10,7 +10,12 @@ decoder against the same image embedding:
   the error region (positive where the prediction misses the mask, negative where it spills
   over); the other 2 add nothing: one at a random place among the 8, and the last.
   Optionally (`center_prob`, 0 in the paper) a click goes instead to the error region's
-  interior-most cells, where the evaluation protocol (RITM's, the paper's) clicks.
+  interior-most cells, where the evaluation protocol (RITM's, the paper's) clicks; and
+  optionally (`background_prob`, 0 in the paper) it is a negative click on the background
+  near the object (`background_band`), whatever the prediction: a lesson the error region
+  rarely teaches for a whole object, whose errors are a thin rim, while on datasets with parts
+  most negative clicks that follow a whole-object first mask mean "only this part". Without
+  it a negative click beside a whole person turned the mask into the clicked garment.
 Prompts and mask inputs taken from predictions carry no gradient (they are sampled data).
 
 Tokens use a fixed layout of `NUM_TOKENS` slots so all rounds share one shape: slots 0-1 hold
@@ -40,6 +45,9 @@ NUM_ROUNDS = 1 + NUM_CLICK_ROUNDS + 2
 NUM_TOKENS = 2 + NUM_CLICK_ROUNDS
 BOX_NOISE_FRACTION = 0.1
 BOX_NOISE_MAX_PX = 20.0
+# How far from the mask a background click may land, in low-res cells (~2.5 patches of a
+# patch-14 backbone on its 3.5 px grid): as far as the evaluation's clicks on spills reach.
+BACKGROUND_BAND_CELLS = 10
 
 
 class Prompts(NamedTuple):
@@ -134,18 +142,32 @@ def deepest_cells(region: jax.Array, max_depth: int = 16) -> jax.Array:
     return jax.lax.fori_loop(0, max_depth, body, (region, region))[1]
 
 
+def background_band(gt: jax.Array, inside: jax.Array,
+                    band: int = BACKGROUND_BAND_CELLS) -> jax.Array:
+    """(P, side, side): the cells inside the image, outside the mask and within `band` cells
+    of it (a square neighbourhood), where a negative click says "not this" about background."""
+    near = jax.lax.reduce_window(gt.astype(jnp.int8), jnp.int8(0), jax.lax.max,
+                                 (1, 2 * band + 1, 2 * band + 1), (1, 1, 1), "SAME")
+    return (near > 0) & ~gt & inside
+
+
 def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array,
               inside: jax.Array, enabled: jax.Array | bool,
               input_size: jax.Array | None = None, cell: float = 4.0,
-              center_prob: float = 0.0) -> Prompts:
+              center_prob: float = 0.0, background_prob: float = 0.0) -> Prompts:
     """One click from the error region of `logits` (P, side, side), labelled by the truth:
     uniformly from the region (the paper), or with probability `center_prob` from its
-    interior-most cells (the evaluation's click)."""
+    interior-most cells (the evaluation's click), or with probability `background_prob` a
+    negative click anywhere in the background band around the mask, error or not."""
     error = ((logits > 0) != gt) & inside
     if center_prob > 0:
         key, k_center = jax.random.split(key)
         to_center = jax.random.bernoulli(k_center, center_prob, (gt.shape[0],))
         error = jnp.where(to_center[:, None, None], deepest_cells(error), error)
+    if background_prob > 0:
+        key, k_background = jax.random.split(key)
+        to_background = jax.random.bernoulli(k_background, background_prob, (gt.shape[0],))
+        error = jnp.where(to_background[:, None, None], background_band(gt, inside), error)
     xy, any_error = sample_pixels(key, error, input_size, cell)
     # the label is the ground truth under the chosen cell: a miss gives a positive click
     at = jnp.clip((xy / cell).astype(jnp.int32), 0, gt.shape[-1] - 1)
@@ -196,7 +218,7 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
              valid: jax.Array, input_size: jax.Array, *, remat_rounds: bool = True,
              loss_kwargs: dict | None = None, cell: float = 4.0,
              click_rounds: int = NUM_CLICK_ROUNDS,
-             center_prob: float = 0.0) -> SimulationOutput:
+             center_prob: float = 0.0, background_prob: float = 0.0) -> SimulationOutput:
     """Runs the 11 rounds (1 + click_rounds + 2 with fewer clicks, to spend a small compute
     budget on more masks) and returns the mean loss over rounds and valid prompts.
 
@@ -204,7 +226,8 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
     over the image embeddings and parameters (gradients flow through it); gt (P, side, side)
     bool; boxes (P, 4) XYXY input frame; valid (P,) bool; input_size (P, 2) resized (h, w);
     cell: input pixels per low-res cell (`SamConfig.low_res_stride`); center_prob: the share
-    of corrective clicks put at the error region's interior (`add_click`).
+    of corrective clicks put at the error region's interior, background_prob: the share that
+    are negative clicks on the background near the object (`add_click`).
     """
     if not 1 <= click_rounds <= NUM_CLICK_ROUNDS:
         raise ValueError(f"click_rounds must be in 1..{NUM_CLICK_ROUNDS}, got {click_rounds}")
@@ -223,7 +246,8 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
     def one_round(carry, xs):
         prompts, prev = carry
         adds, k = xs
-        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size, cell, center_prob)
+        prompts = add_click(k, prompts, prev, gt, inside, adds, input_size, cell, center_prob,
+                            background_prob)
         masks, iou = decode(prompts.coords, prompts.labels, prev)
         cand_m, cand_i = masks[:, :1], iou[:, :1]  # later rounds: the single output
         loss, metrics = sam_loss(cand_m, cand_i, gt, valid, **loss_kwargs)

@@ -50,6 +50,9 @@ class StepConfig:
     # Share of corrective clicks at the error region's interior (where the evaluation clicks)
     # rather than uniform over it (the paper's rule: 0).
     center_click_prob: float = 0.0
+    # Share of corrective clicks that are negative clicks on the background near the object
+    # (`simulation.add_click`; 0 in the paper).
+    background_click_prob: float = 0.0
 
 
 def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
@@ -93,7 +96,8 @@ def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
                    flat(batch["mask_valid"]), jnp.repeat(batch["input_size"], n, axis=0),
                    remat_rounds=step_config.remat_rounds, loss_kwargs=loss_kwargs,
                    cell=model_config.low_res_stride, click_rounds=step_config.click_rounds,
-                   center_prob=step_config.center_click_prob)
+                   center_prob=step_config.center_click_prob,
+                   background_prob=step_config.background_click_prob)
     return out.loss, out.metrics
 
 
