@@ -78,10 +78,11 @@ class FeatureCache:
         return len(self.arrays.get("features", ()))
 
     def batch(self, step: int, batch_size: int, masks_per_view: int, seed: int,
-              area_bias: float = 0.0) -> dict:
+              area_bias: float = 0.0, background: bool = False) -> dict:
         """The step's batch: views drawn with a step-seeded generator, and per view up to
         `masks_per_view` of its masks without replacement, with probability proportional to
-        area ** area_bias (invalid slots padded)."""
+        area ** area_bias (invalid slots padded); with `background`, also each view's cells
+        outside all of its masks."""
         rng = np.random.default_rng([seed, step])
         if self.pool is None:
             views = rng.integers(0, len(self), batch_size)
@@ -105,6 +106,10 @@ class FeatureCache:
             out["masks"][row, :len(pick)] = np.unpackbits(packed, axis=-1)[..., :side] > 0
             out["boxes"][row, :len(pick)] = self.arrays["boxes"][v, pick]
             out["mask_valid"][row, :len(pick)] = True
+        if background:
+            every = np.unpackbits(self.arrays["masks"][views], axis=-1)[..., :side] > 0
+            every &= self.arrays["mask_valid"][views][..., None, None]
+            out["background"] = ~every.any(axis=1)
         return out
 
 
@@ -180,7 +185,8 @@ def main(argv=None) -> int:
                              "the evaluation clicks (0: uniform over it, the paper's rule)")
     parser.add_argument("--background-click-prob", type=float, default=0.0,
                         help="share of corrective clicks that are negative clicks on the "
-                             "background near the object (0: the paper's rule)")
+                             "background near the object, outside every annotated mask of the "
+                             "view (0: the paper's rule)")
     parser.add_argument("--hold-out-validation", action="store_true",
                         help="never train on the validation photos "
                              "(default_model_data.validation_photos)")
@@ -232,8 +238,8 @@ def main(argv=None) -> int:
     from sam_jax.build_sam import init_variables
     from sam_jax.training.checkpointing import TrainCheckpointer
     from sam_jax.training.optim import OptimConfig, make_optimizer
-    from sam_jax.training.train_step import (FEATURE_BATCH_KEYS, StepConfig, compile_train_step,
-                                             init_state)
+    from sam_jax.training.train_step import (BACKGROUND_KEY, FEATURE_BATCH_KEYS, StepConfig,
+                                             compile_train_step, init_state)
     from sam_jax.sharding import data_mesh
 
     if args.decay_steps:
@@ -253,11 +259,14 @@ def main(argv=None) -> int:
                         freeze=frozen_outside(params, args.train_only))
     optimizer = make_optimizer(optim, params)
     mesh = data_mesh()
+    with_background = args.background_click_prob > 0
     compiled = compile_train_step(train_cfg, optim, StepConfig(
         seed=args.seed, click_rounds=args.click_rounds, remat_rounds=False,
         center_click_prob=args.center_click_prob,
         background_click_prob=args.background_click_prob), params, buffers, mesh,
-                                  optimizer=optimizer, batch_keys=FEATURE_BATCH_KEYS)
+                                  optimizer=optimizer,
+                                  batch_keys=FEATURE_BATCH_KEYS + ((BACKGROUND_KEY,)
+                                                                   if with_background else ()))
     ckpt = TrainCheckpointer(os.path.join(args.workdir, "checkpoints"),
                              save_every=args.save_every, keep=3)
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer), params)
@@ -296,7 +305,7 @@ def main(argv=None) -> int:
             set_pool()
             bar.write(f"step {step}: {len(cache)} cached views")
         batch = cache.batch(step, args.batch_size, args.masks_per_view, args.seed,
-                            args.area_bias)
+                            args.area_bias, background=with_background)
         t = time.time()
         state, metrics = compiled.step(state, batch, buffers)
         if step % 10 == 0 or step == args.steps - 1:

@@ -92,6 +92,12 @@ def test_feature_cache_fills_free_slots_with_pseudo_labels(tmp_path):
     merged = FeatureCache(str(cache), str(pseudo))
     merged.rescan()
     assert merged.pseudo_masks == 1
+    # background: the view's cells outside all of its valid masks, pseudo-labels included
+    with_bg = merged.batch(0, 4, 1, seed=0, background=True)
+    views = np.random.default_rng([0, 0]).integers(0, 2, 4)
+    for row, v in enumerate(views):
+        expected = ~gt[v, 0] & ~(extra[v, 1] if v == 0 else np.zeros_like(gt[v, 0]))
+        np.testing.assert_array_equal(with_bg["background"][row], expected)
     np.testing.assert_array_equal(merged.arrays["mask_valid"],
                                   [[1, 1, 0], [1, 0, 0]])
     np.testing.assert_array_equal(merged.arrays["area"][0], [16, 64, 0])

@@ -233,3 +233,32 @@ def test_loss_on_cached_features_trains_neck_and_decoder_only():
     assert float(loss2) != float(loss)
     assert np.abs(np.asarray(grads2["image_encoder"]["neck.0"]["kernel"])
                   - np.asarray(grads["image_encoder"]["neck.0"]["kernel"])).max() > 0
+
+
+def test_background_clicks_land_only_where_the_batch_says_nothing_is_annotated():
+    # every corrective round a background click: with the view's unannotated cells all False
+    # there is nowhere to click; all True, each of the 3 rounds clicks (one compile, two batches)
+    from sam_jax.training.train_step import BACKGROUND_KEY, StepConfig, loss_and_metrics
+
+    cfg = _small_dinov2()
+    variables = random_variables(cfg)
+    head = _head_params(variables["params"])
+    rng = np.random.default_rng(4)
+    b, n = 2, 2
+    sizes = np.full((b, 2), S, np.int32)
+    gt, boxes, _ = _batch(rng, b * n, np.repeat(sizes, n, axis=0))
+    batch = {"features": jnp.asarray(rng.normal(size=(b, 4, 4, 32)), jnp.float32),
+             "input_size": jnp.asarray(sizes),
+             "masks": jnp.asarray(gt.reshape(b, n, SIDE, SIDE)),
+             "boxes": jnp.asarray(boxes.reshape(b, n, 4)),
+             "mask_valid": jnp.ones((b, n), bool)}
+    step = StepConfig(click_rounds=3, remat_rounds=False, background_click_prob=1.0)
+    clicks = jax.jit(lambda batch: loss_and_metrics(
+        head, variables["buffers"], batch, jax.random.key(2), model_config=cfg,
+        step_config=step)[1]["clicks"]).lower(
+            dict(batch, **{BACKGROUND_KEY: jnp.zeros((b, SIDE, SIDE), bool)})).compile(
+        compiler_options={"xla_backend_optimization_level": 0,
+                          "xla_llvm_disable_expensive_passes": True})
+    nowhere = clicks(dict(batch, **{BACKGROUND_KEY: jnp.zeros((b, SIDE, SIDE), bool)}))
+    anywhere = clicks(dict(batch, **{BACKGROUND_KEY: jnp.ones((b, SIDE, SIDE), bool)}))
+    assert float(nowhere) == 0.0 and float(anywhere) == 3.0

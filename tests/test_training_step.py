@@ -195,6 +195,15 @@ def test_add_click_background_prob_one_gives_negative_clicks_beside_the_object()
     assert len({tuple(x) for x in c}) > p // 2  # drawn over the band, not one cell
     none = sim.add_click(jax.random.key(5), *args)
     assert (np.asarray(none.num_clicks) == 0).all()
+    # given the view's unannotated cells (here: another object fills columns < 12), the click
+    # stays off every annotated object
+    free = np.ones((p, SIDE, SIDE), bool)
+    free[:, :, :12] = False
+    off = sim.add_click(jax.random.key(5), *args, background_prob=1.0,
+                        background=jnp.asarray(free))
+    c = _cells(np.asarray(off.coords)[:, 2])
+    assert (np.asarray(off.labels)[:, 2] == 0).all() and (c[:, 0] >= 12).all()
+    assert band[c[:, 1], c[:, 0]].all()
     # half the rounds: about half the prompts take a background click
     half = sim.add_click(jax.random.key(6), *args, background_prob=0.5)
     assert 0.3 < np.asarray(half.num_clicks).mean() < 0.7

@@ -15,7 +15,9 @@ decoder against the same image embedding:
   near the object (`background_band`), whatever the prediction: a lesson the error region
   rarely teaches for a whole object, whose errors are a thin rim, while on datasets with parts
   most negative clicks that follow a whole-object first mask mean "only this part". Without
-  it a negative click beside a whole person turned the mask into the clicked garment.
+  it a negative click beside a whole person turned the mask into the clicked garment. Given
+  the view's unannotated pixels (`background`), the click avoids every annotated object, so
+  that a part's band never puts it on the rest of the person.
 Prompts and mask inputs taken from predictions carry no gradient (they are sampled data).
 
 Tokens use a fixed layout of `NUM_TOKENS` slots so all rounds share one shape: slots 0-1 hold
@@ -154,11 +156,13 @@ def background_band(gt: jax.Array, inside: jax.Array,
 def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array,
               inside: jax.Array, enabled: jax.Array | bool,
               input_size: jax.Array | None = None, cell: float = 4.0,
-              center_prob: float = 0.0, background_prob: float = 0.0) -> Prompts:
+              center_prob: float = 0.0, background_prob: float = 0.0,
+              background: jax.Array | None = None) -> Prompts:
     """One click from the error region of `logits` (P, side, side), labelled by the truth:
     uniformly from the region (the paper), or with probability `center_prob` from its
     interior-most cells (the evaluation's click), or with probability `background_prob` a
-    negative click anywhere in the background band around the mask, error or not."""
+    negative click anywhere in the background band around the mask, error or not (within
+    `background` (P, side, side) bool, the view's unannotated cells, where given)."""
     error = ((logits > 0) != gt) & inside
     if center_prob > 0:
         key, k_center = jax.random.split(key)
@@ -167,7 +171,10 @@ def add_click(key: jax.Array, prompts: Prompts, logits: jax.Array, gt: jax.Array
     if background_prob > 0:
         key, k_background = jax.random.split(key)
         to_background = jax.random.bernoulli(k_background, background_prob, (gt.shape[0],))
-        error = jnp.where(to_background[:, None, None], background_band(gt, inside), error)
+        band = background_band(gt, inside)
+        if background is not None:
+            band = band & background
+        error = jnp.where(to_background[:, None, None], band, error)
     xy, any_error = sample_pixels(key, error, input_size, cell)
     # the label is the ground truth under the chosen cell: a miss gives a positive click
     at = jnp.clip((xy / cell).astype(jnp.int32), 0, gt.shape[-1] - 1)
@@ -218,7 +225,8 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
              valid: jax.Array, input_size: jax.Array, *, remat_rounds: bool = True,
              loss_kwargs: dict | None = None, cell: float = 4.0,
              click_rounds: int = NUM_CLICK_ROUNDS,
-             center_prob: float = 0.0, background_prob: float = 0.0) -> SimulationOutput:
+             center_prob: float = 0.0, background_prob: float = 0.0,
+             background: jax.Array | None = None) -> SimulationOutput:
     """Runs the 11 rounds (1 + click_rounds + 2 with fewer clicks, to spend a small compute
     budget on more masks) and returns the mean loss over rounds and valid prompts.
 
@@ -227,7 +235,8 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
     bool; boxes (P, 4) XYXY input frame; valid (P,) bool; input_size (P, 2) resized (h, w);
     cell: input pixels per low-res cell (`SamConfig.low_res_stride`); center_prob: the share
     of corrective clicks put at the error region's interior, background_prob: the share that
-    are negative clicks on the background near the object (`add_click`).
+    are negative clicks on the background near the object, inside `background` (P, side, side)
+    bool where given (`add_click`).
     """
     if not 1 <= click_rounds <= NUM_CLICK_ROUNDS:
         raise ValueError(f"click_rounds must be in 1..{NUM_CLICK_ROUNDS}, got {click_rounds}")
@@ -247,7 +256,7 @@ def simulate(decode: Callable[..., Any], key: jax.Array, gt: jax.Array, boxes: j
         prompts, prev = carry
         adds, k = xs
         prompts = add_click(k, prompts, prev, gt, inside, adds, input_size, cell, center_prob,
-                            background_prob)
+                            background_prob, background)
         masks, iou = decode(prompts.coords, prompts.labels, prev)
         cand_m, cand_i = masks[:, :1], iou[:, :1]  # later rounds: the single output
         loss, metrics = sam_loss(cand_m, cand_i, gt, valid, **loss_kwargs)

@@ -32,6 +32,9 @@ FSDP_MIN_SIZE = 2 ** 14
 BATCH_KEYS = ("image", "input_size", "masks", "boxes", "mask_valid")
 # A frozen-backbone batch carries the backbone's cached features instead of the image.
 FEATURE_BATCH_KEYS = ("features", "input_size", "masks", "boxes", "mask_valid")
+# Optional: (B, L, L) bool, the view's cells outside every annotated mask, where background
+# clicks may land (`StepConfig.background_click_prob`).
+BACKGROUND_KEY = "background"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +95,15 @@ def loss_and_metrics(params, buffers, batch, key, *, model_config: SamConfig,
     loss_kwargs = dict(focal_weight=step_config.focal_weight,
                        dice_weight=step_config.dice_weight, iou_weight=step_config.iou_weight,
                        supervise_all_iou=step_config.supervise_all_iou)
+    background = batch.get(BACKGROUND_KEY)
+    if background is not None:
+        background = jnp.repeat(background, n, axis=0)
     out = simulate(decode, k_sim, flat(batch["masks"]), flat(batch["boxes"]),
                    flat(batch["mask_valid"]), jnp.repeat(batch["input_size"], n, axis=0),
                    remat_rounds=step_config.remat_rounds, loss_kwargs=loss_kwargs,
                    cell=model_config.low_res_stride, click_rounds=step_config.click_rounds,
                    center_prob=step_config.center_click_prob,
-                   background_prob=step_config.background_click_prob)
+                   background_prob=step_config.background_click_prob, background=background)
     return out.loss, out.metrics
 
 
