@@ -214,8 +214,8 @@ def evaluate_baseline(sets, threshold):
     return out
 
 
-def table(results: dict) -> str:
-    lines = ["| model | held-out set | masks | " + " | ".join(f"mIoU@{k}" for k in REPORTED)
+def table(results: dict, split: str = "held-out") -> str:
+    lines = [f"| model | {split} set | masks | " + " | ".join(f"mIoU@{k}" for k in REPORTED)
              + " | oracle@1 | box |", "|---|---|---|" + "---|" * (len(REPORTED) + 2)]
     for model, per_set in results.items():
         for set_name, m in per_set.items():
@@ -333,7 +333,8 @@ def main(argv=None) -> int:
                             only=validation_names(args.cache))
     else:
         sets = heldout_sets(args.data, args.limit, args.parts_photos, args.davis_stride)
-    print({k: len(v) for k, v in sets.items()}, f"{args.split} images per set")
+    split_label = "held-out" if args.split == "heldout" else args.split
+    print({k: len(v) for k, v in sets.items()}, f"{split_label} images per set")
     drawn = {}
     for set_name, items in sets.items():
         for item, _, _ in items[:: max(1, len(items) // 3)][:3]:
@@ -345,7 +346,7 @@ def main(argv=None) -> int:
         path = None if path in ("", "default") else path
         results[name] = evaluate_model(name, path, sets, drawn)
         results[name]["_path"] = path
-        print(table({name: results[name]}))
+        print(table({name: results[name]}, split_label))
     if args.previous:  # after this run's models, so the first drawn curves are theirs
         with open(args.previous) as f:
             for name, r in json.load(f).items():
@@ -355,7 +356,7 @@ def main(argv=None) -> int:
         print(f"baseline threshold {threshold} (training photos: {tuning})")
         results["dinov2-cosine"] = evaluate_baseline(sets, threshold)
         results["dinov2-cosine"]["_threshold"] = threshold
-    text = table(results)
+    text = table(results, split_label)
     print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".txt", "w") as f:

@@ -1,8 +1,10 @@
 """The bundled model's training tools in experiments/: the data engine's automatic stage on
 cached training views (data_engine_pseudo_labels.py), how train_default_model.py merges its
-output, and train_default_model.py's head averaging (--average-with); train_mask_refiner.py's
-data helpers."""
+output, and train_default_model.py's head averaging (--average-with), validation views and
+background maps; train_mask_refiner.py's data helpers; evaluate_default_model.py's validation
+photos."""
 
+import json
 import os
 import sys
 
@@ -230,3 +232,16 @@ def test_mask_refiner_data_helpers():
         assert 0 <= r <= REFINE_SIDE - CROP and 0 <= c <= REFINE_SIDE - CROP
         window = target[r:r + CROP, c:c + CROP]
         assert window.any() and not window.all()  # the outline is inside the window
+
+
+def test_validation_names_follow_the_cache_order(tmp_path):
+    from default_model_data import validation_photos
+    from evaluate_default_model import validation_names
+
+    train = [{"dataset": "horse" if i % 2 else "clothing", "name": f"{i:04d}"}
+             for i in range(30)]
+    (tmp_path / "split.json").write_text(json.dumps({"train": train, "heldout": []}))
+    chosen = np.flatnonzero(validation_photos(30))
+    assert len(chosen) == 3
+    assert validation_names(str(tmp_path)) == {(train[i]["dataset"], train[i]["name"])
+                                               for i in chosen}
