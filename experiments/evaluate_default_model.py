@@ -313,7 +313,7 @@ def main(argv=None) -> int:
                         help="every n-th frame of the held-out DAVIS sequences")
     parser.add_argument("--parts-photos", type=int, default=25,
                         help="held-out clothing photos whose parts are scored")
-    parser.add_argument("--split", default="heldout", choices=("heldout", "validation"),
+    parser.add_argument("--split", default="held-out", choices=("held-out", "validation"),
                         help="validation: the validation photos (a fixed 10%% of the training "
                              "photos, every DAVIS frame among them), where settings are chosen")
     parser.add_argument("--cache", default="runs/default/cache",
@@ -333,8 +333,7 @@ def main(argv=None) -> int:
                             only=validation_names(args.cache))
     else:
         sets = heldout_sets(args.data, args.limit, args.parts_photos, args.davis_stride)
-    split_label = "held-out" if args.split == "heldout" else args.split
-    print({k: len(v) for k, v in sets.items()}, f"{split_label} images per set")
+    print({k: len(v) for k, v in sets.items()}, f"{args.split} images per set")
     drawn = {}
     for set_name, items in sets.items():
         for item, _, _ in items[:: max(1, len(items) // 3)][:3]:
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
         path = None if path in ("", "default") else path
         results[name] = evaluate_model(name, path, sets, drawn)
         results[name]["_path"] = path
-        print(table({name: results[name]}, split_label))
+        print(table({name: results[name]}, args.split))
     if args.previous:  # after this run's models, so the first drawn curves are theirs
         with open(args.previous) as f:
             for name, r in json.load(f).items():
@@ -356,7 +355,7 @@ def main(argv=None) -> int:
         print(f"baseline threshold {threshold} (training photos: {tuning})")
         results["dinov2-cosine"] = evaluate_baseline(sets, threshold)
         results["dinov2-cosine"]["_threshold"] = threshold
-    text = table(results, split_label)
+    text = table(results, args.split)
     print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".txt", "w") as f:
