@@ -153,11 +153,10 @@ def test_average_with_an_exported_head(tmp_path):
 
     import sam_jax
     from sam_jax import configs
-    from sam_jax.build_sam import init_variables
-    from train_default_model import average_heads, head_from, head_params
+    from train_default_model import average_heads, head_from
 
     cfg = configs.dinov2_s()
-    fresh = jax.device_get(head_params(init_variables(cfg, jax.random.key(0))["params"]))
+    fresh = _random_head(cfg)
     bundled = head_from(sam_jax.DEFAULT_CHECKPOINT, cfg, fresh)
     mixed = average_heads(fresh, bundled, 0.25)
     for path, a in jax.tree_util.tree_leaves_with_path(mixed):
@@ -170,6 +169,21 @@ def test_average_with_an_exported_head(tmp_path):
     small = jax.tree.map(lambda x: x[..., :1], fresh)
     with pytest.raises(SystemExit, match="differ"):
         head_from(sam_jax.DEFAULT_CHECKPOINT, cfg, small)
+
+
+def _random_head(cfg) -> dict:
+    """A head with the model's tree and shapes, seeded random values: what these tests need
+    of a fresh head. Traced, not run: initializing dinov2_s (its 22 M-parameter backbone
+    included) takes ~12 s on a 2-core CPU."""
+    import jax
+
+    from sam_jax.build_sam import init_variables
+    from train_default_model import head_params
+
+    variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
+    shapes = head_params(variables["params"])
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
 
 
 def _leaf(tree, path):
@@ -185,12 +199,10 @@ def test_train_only_freezes_the_rest_of_the_head():
     import jax.numpy as jnp
 
     from sam_jax import configs
-    from sam_jax.build_sam import init_variables
     from sam_jax.training.optim import OptimConfig, make_optimizer
-    from train_default_model import frozen_outside, head_params
+    from train_default_model import frozen_outside
 
-    params = jax.device_get(head_params(init_variables(configs.dinov2_s(),
-                                                       jax.random.key(0))["params"]))
+    params = _random_head(configs.dinov2_s())
     paths = ["/".join(str(k.key) for k in kp)
              for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     assert frozen_outside(params, []) == ()
