@@ -126,9 +126,7 @@ def make_train_step(model_config: SamConfig, optim_config: OptimConfig,
                                          train_encoder=train_encoder)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        # the gradients' global L2 norm, as optax.global_norm (deprecated) computed it
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        metrics = dict(metrics, grad_norm=grad_norm,
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                        learning_rate=schedule(state["step"]))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
