@@ -15,9 +15,10 @@ filter off (thresholds 0, no NMS), so each grid click gives its 3 masks with the
 IoU and stability score (computed on the unrefined logits, as the generator does). A
 candidate's true IoU is its best IoU with any labelled mask of the photo (objects and parts).
 Only the grid's clicks inside a labelled mask are run (at most MAX_CLICKS a photo, spread
-evenly): an unlabelled thing elsewhere may be a good mask whose truth is unknown. (A first version scored only the click at each object's centre: those masks are more
-stable than the generator's off-centre grid clicks, so its stability threshold removed every
-mask on photos unlike the training ones.)
+evenly): an unlabelled thing elsewhere may be a good mask whose truth is unknown. (A first
+version called the predictor at each object's centre: its logits had passed the mask refiner,
+which sharpens them, so its stability scores were higher than the generator's, which filters
+the decoder's own logits, and its stability threshold removed the truck's mask.)
 Rule:
   pred_iou_thresh: the lowest t (0.50 ... 0.88, steps of 0.01) at which at least 80% of the
       candidates with predicted IoU >= t are good (true IoU >= 0.80). (Until 2026-12-02: their
@@ -26,8 +27,8 @@ Rule:
   stability_score_thresh: the highest s (0.50 ... 0.95, steps of 0.01) that keeps at least 90%
       of the good candidates passing pred_iou_thresh: the filter may remove unstable masks but
       must not remove good ones at a higher rate than 1 in 10.
-Prints the table behind the choice and writes it with the choice to --out (.txt, .json; every candidate's
-numbers in _candidates.npz).
+Prints the table behind the choice and writes it with the choice to --out (.txt, .json;
+every candidate's numbers in _candidates.npz).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def main(argv=None) -> int:
     good = (pred >= pred_t) & (true >= GOOD)
     lines += ["", f"| stability >= (with predicted IoU >= {pred_t:.2f}) | good kept | "
                   "all kept |", "|---|---|---|"]
+    passing = pred >= pred_t
     for s in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
-        passing = pred >= pred_t
         lines.append(f"| {s:.2f} | {(stab[good] >= s).mean() if good.any() else float('nan'):.2f}"
                      f" | {(stab[passing] >= s).mean() if passing.any() else float('nan'):.2f} |")
     lines += ["", f"chosen: pred_iou_thresh {pred_t:.2f}, stability_score_thresh {stab_t:.2f}"]
