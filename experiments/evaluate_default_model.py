@@ -14,6 +14,9 @@ interior-most pixel, then at the larger error region's; previous logits fed back
 the mask with the highest predicted IoU, oracle@1 the best of the 3). The "box" column: one
 prompt, the object's tight ground-truth box, single output.
 
+`--image-size NAME=PX` runs a model at another input size with the same weights (the
+input-size sweep: `experiments/results/default_model_input_size_validation.txt`).
+
 Baseline ("dinov2-cosine", 1 click only): the frozen DINOv2-S patch features; cosine similarity
 of every patch to the clicked patch, upsampled bilinearly to the image, thresholded, and the
 connected component holding the click. The threshold is chosen on training photos
@@ -154,13 +157,15 @@ def tune_threshold(root: str, count: int) -> tuple[float, dict]:
     return max(means, key=means.get), means
 
 
-def evaluate_model(name, path, sets, drawn):
+def evaluate_model(name, path, sets, drawn, image_size=None):
     import sam_jax
     from sam_jax.predictor import SamPredictor
     from sam_jax.training.evaluate import click_ious
     from tqdm import tqdm
 
     model = sam_jax.load(path)
+    if image_size is not None:
+        model = with_input_size(model, image_size)
     predictor = SamPredictor(model)
     out = {}
     t0 = time.time()
@@ -183,6 +188,20 @@ def evaluate_model(name, path, sets, drawn):
                              masks=len(rows))
     out["seconds"] = time.time() - t0
     return out
+
+
+def with_input_size(model, image_size: int):
+    """The same weights run at another input size (a DINOv2 encoder only: its position table
+    is resized to any grid, and the neck, decoder and refiner are convolutional or
+    size-agnostic), e.g. 518 px, DINOv2's own 37x37 pretraining grid."""
+    import dataclasses
+
+    encoder = model.config.image_encoder
+    if getattr(encoder, "kind", None) != "dinov2":
+        raise SystemExit("--image-size: only a DINOv2-encoder model runs at another input size")
+    config = dataclasses.replace(model.config, image_encoder=dataclasses.replace(
+        encoder, img_size=image_size))
+    return dataclasses.replace(model, config=config)
 
 
 def box_iou(predictor, gt: np.ndarray) -> float:
@@ -229,7 +248,7 @@ def table(results: dict, split: str = "held-out") -> str:
     return "\n".join(lines)
 
 
-def plot(results, sets, drawn, out_png, model_name):
+def plot(results, sets, drawn, out_png, model_name, split="held-out"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,7 +276,7 @@ def plot(results, sets, drawn, out_png, model_name):
         if base is not None:
             ax.plot([1], [base], "s", color=f"C{i}")
     ax.set_xlabel("clicks")
-    ax.set_ylabel("held-out mIoU")
+    ax.set_ylabel(f"{split} mIoU")
     ax.set_ylim(0, 1)
     styles = ", ".join(f"{word}: {model}" for (model, _), word in
                        zip(curves, ("solid", "dashed", "dotted")))
@@ -306,6 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="append", default=[],
                         help="NAME=PATH of a checkpoint; 'default' or NAME=default for the "
                              "bundled model")
+    parser.add_argument("--image-size", action="append", default=[], metavar="NAME=PX",
+                        help="run the model NAME at this input size instead of its own "
+                             "(a multiple of the patch size, 14)")
     parser.add_argument("--baseline-tune", type=int, default=40)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="images per set (quick look)")
@@ -340,11 +362,19 @@ def main(argv=None) -> int:
             drawn[(set_name, item["name"])] = {}
     results: dict = {}
     models = args.model or ["default"]
+    sizes = {}
+    for spec in args.image_size:
+        name, _, px = spec.partition("=")
+        if name not in {m.partition("=")[0] for m in models} or not px.isdigit():
+            raise SystemExit(f"--image-size {spec!r}: expected NAME=PX for a --model NAME")
+        sizes[name] = int(px)
     for spec in models:
         name, _, path = spec.partition("=")
         path = None if path in ("", "default") else path
-        results[name] = evaluate_model(name, path, sets, drawn)
+        results[name] = evaluate_model(name, path, sets, drawn, sizes.get(name))
         results[name]["_path"] = path
+        if name in sizes:
+            results[name]["_image_size"] = sizes[name]
         print(table({name: results[name]}, args.split))
     if args.previous:  # after this run's models, so the first drawn curves are theirs
         with open(args.previous) as f:
@@ -362,7 +392,7 @@ def main(argv=None) -> int:
         f.write(text + "\n")
     with open(args.out + ".json", "w") as f:
         json.dump(results, f, indent=1, default=str)
-    plot(results, sets, drawn, args.out + ".png", models[0].partition("=")[0])
+    plot(results, sets, drawn, args.out + ".png", models[0].partition("=")[0], args.split)
     # the first --model's predictions are drawn; the curves show every model
     print(f"wrote {args.out}.txt, .json and .png")
     return 0

@@ -280,3 +280,35 @@ def test_generator_thresholds_rule():
     pred = np.array([0.5, 0.5, 0.5, 0.7, 0.9, 0.9, 0.9, 0.9, 0.9])
     true = np.array([0.99, 0.99, 0.5, 0.5, 0.99, 0.99, 0.99, 0.99, 0.5])
     assert choose(pred, np.full(9, 0.9), true)[0] == 0.71
+
+
+def test_input_size_sweep_runs_the_same_weights_on_a_larger_grid():
+    """`evaluate_default_model.py --image-size`: the bundled weights at 518 px (DINOv2's own
+    37x37 grid) give 148x148 low-res masks and masks at the photo's size; only a DINOv2
+    encoder can change its input size."""
+    import sam_jax
+    from evaluate_default_model import with_input_size
+    from sam_jax import configs
+    from sam_jax.inference import SamModel
+    from sam_jax.predictor import SamPredictor
+
+    model = sam_jax.load()
+    resized = with_input_size(model, 518)
+    assert resized.config.image_encoder.img_size == 518
+    assert resized.config.image_embedding_size == 37
+    assert resized.variables is model.variables
+    assert resized.generator_defaults == model.generator_defaults
+    predictor = SamPredictor(resized)
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[20:45, 30:70] = (200, 40, 40)
+    predictor.set_image(image)
+    masks, scores, low_res = predictor.predict(point_coords=np.array([[50.0, 32.0]]),
+                                               point_labels=np.array([1]))
+    assert masks.shape == (3, 60, 90) and scores.shape == (3,)
+    assert low_res.shape == (3, 148, 148)
+    inside = masks[int(np.argmax(scores))][20:45, 30:70].mean()
+    assert inside > 0.9, inside  # the red block, clicked at its centre
+    vit = SamModel(configs.tiny(), {"params": {}})
+    with pytest.raises(SystemExit, match="DINOv2"):
+        with_input_size(vit, 518)
+
