@@ -312,3 +312,43 @@ def test_input_size_sweep_runs_the_same_weights_on_a_larger_grid():
     with pytest.raises(SystemExit, match="DINOv2"):
         with_input_size(vit, 518)
 
+
+def test_negative_click_rules_choose_between_single_and_multimask_outputs():
+    """experiments/negative_click_collapse.py: after a negative click the `negative` rule
+    takes the best-scored multimask output, `stability` does so only when the single output's
+    logits are unstable, `single` never."""
+    from negative_click_collapse import run_rule, stability
+
+    gt = np.zeros((20, 20), bool)
+    gt[4:16, 4:16] = True
+    spill = gt.copy()
+    spill[4:16, 16:19] = True  # the first mask spills right: the 2nd click is negative
+    part = np.zeros_like(gt)
+    part[4:8, 4:8] = True
+
+    def logits(mask, sharp):
+        return np.where(mask, sharp, -sharp).astype(np.float32)
+
+    def fake_predict(sharp):
+        def predict(points, labels, prev, multimask):
+            if multimask:
+                # the whole object scored first, then the spilled mask
+                masks = np.stack([gt, spill, part]) if len(points) > 1 else np.stack(
+                    [part, spill, gt])
+                scores = np.array([0.9, 0.5, 0.2]) if len(points) > 1 else np.array(
+                    [0.1, 0.9, 0.2])
+                return masks, scores, np.stack([logits(m, 5.0) for m in masks])
+            return part[None], np.array([0.8]), logits(part, sharp)[None]  # collapsed
+        return predict
+
+    assert stability(logits(part, 5.0)) == 1.0
+    assert stability(np.full((4, 4), 0.01, np.float32)) == 0.0
+    ious, compared = run_rule(fake_predict(5.0), gt, "single")
+    assert ious[0] == pytest.approx(144 / 180) and ious[1] == pytest.approx(16 / 144)
+    label, before, single, best, oracle = compared[0]
+    assert label == 0 and before == pytest.approx(144 / 180)
+    assert single == pytest.approx(16 / 144) and best == oracle == 1.0
+    assert run_rule(fake_predict(5.0), gt, "negative")[0][1] == 1.0
+    # stable collapsed logits: kept; logits within +-0.05 of 0 are unstable: replaced
+    assert run_rule(fake_predict(5.0), gt, "stability")[0][1] == pytest.approx(16 / 144)
+    assert run_rule(fake_predict(0.01), gt, "stability")[0][1] == 1.0
