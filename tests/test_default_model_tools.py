@@ -171,6 +171,36 @@ def test_average_with_an_exported_head(tmp_path):
         head_from(sam_jax.DEFAULT_CHECKPOINT, cfg, small)
 
 
+def test_a_cache_at_another_input_size_trains_that_size_from_a_448_head(tmp_path):
+    """`default_model_data.py --image-size 518` records its size in split.json (older caches:
+    448), the head trainer builds its model at that size, and a head exported at 448 px starts
+    it (the weights do not depend on the input size; another encoder still refuses)."""
+    import dataclasses
+
+    import sam_jax
+    from default_model_data import cache_image_size, with_image_size
+    from sam_jax import configs
+    from train_default_model import head_from
+
+    assert cache_image_size(str(tmp_path)) == 448  # no cache yet
+    (tmp_path / "split.json").write_text(json.dumps({"train": [], "heldout": []}))
+    assert cache_image_size(str(tmp_path)) == 448  # written before the option
+    (tmp_path / "split.json").write_text(json.dumps({"train": [], "heldout": [],
+                                                     "image_size": 518}))
+    assert cache_image_size(str(tmp_path)) == 518
+    cfg = with_image_size(configs.dinov2_s(), 518)
+    assert (cfg.image_embedding_size, cfg.low_res_size) == (37, 148)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        with_image_size(configs.dinov2_s(), 520)
+    fresh = _random_head(cfg)
+    head = head_from(sam_jax.DEFAULT_CHECKPOINT, cfg, fresh)
+    assert head.keys() == fresh.keys()
+    shallower = dataclasses.replace(cfg, image_encoder=dataclasses.replace(cfg.image_encoder,
+                                                                      depth=11))
+    with pytest.raises(SystemExit, match="image encoder is not"):
+        head_from(sam_jax.DEFAULT_CHECKPOINT, shallower, fresh)
+
+
 def _random_head(cfg) -> dict:
     """A head with the model's tree and shapes, seeded random values: what these tests need
     of a fresh head. Traced, not run: initializing dinov2_s (its 22 M-parameter backbone
