@@ -196,12 +196,30 @@ def with_input_size(model, image_size: int):
     size-agnostic), e.g. 518 px, DINOv2's own 37x37 pretraining grid."""
     import dataclasses
 
-    encoder = model.config.image_encoder
-    if getattr(encoder, "kind", None) != "dinov2":
+    from default_model_data import with_image_size
+
+    if getattr(model.config.image_encoder, "kind", None) != "dinov2":
         raise SystemExit("--image-size: only a DINOv2-encoder model runs at another input size")
-    config = dataclasses.replace(model.config, image_encoder=dataclasses.replace(
-        encoder, img_size=image_size))
-    return dataclasses.replace(model, config=config)
+    return dataclasses.replace(model, config=with_image_size(model.config, image_size))
+
+
+def split_sets(data: str, split: str, cache: str, limit: int | None = None,
+               parts_photos: int = 25, davis_stride: int = 3) -> dict[str, list]:
+    """The evaluation sets of `split`: "held-out", or "validation" (the validation photos of
+    the training split that `cache`'s split.json orders, every DAVIS frame among them)."""
+    if split == "validation":
+        return heldout_sets(data, limit, parts_photos, 1, heldout=False,
+                            only=validation_names(cache))
+    return heldout_sets(data, limit, parts_photos, davis_stride)
+
+
+def write_results(out: str, text: str, results: dict) -> None:
+    """OUT.txt (the table) and OUT.json (every number)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".txt", "w") as f:
+        f.write(text + "\n")
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
 
 
 def box_iou(predictor, gt: np.ndarray) -> float:
@@ -350,11 +368,8 @@ def main(argv=None) -> int:
     import sam_jax
 
     sam_jax.keep_freed_host_memory()
-    if args.split == "validation":
-        sets = heldout_sets(args.data, args.limit, args.parts_photos, 1, heldout=False,
-                            only=validation_names(args.cache))
-    else:
-        sets = heldout_sets(args.data, args.limit, args.parts_photos, args.davis_stride)
+    sets = split_sets(args.data, args.split, args.cache, args.limit, args.parts_photos,
+                      args.davis_stride)
     print({k: len(v) for k, v in sets.items()}, f"{args.split} images per set")
     drawn = {}
     for set_name, items in sets.items():
@@ -387,11 +402,7 @@ def main(argv=None) -> int:
         results["dinov2-cosine"]["_threshold"] = threshold
     text = table(results, args.split)
     print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_results(args.out, text, results)
     plot(results, sets, drawn, args.out + ".png", models[0].partition("=")[0], args.split)
     # the first --model's predictions are drawn; the curves show every model
     print(f"wrote {args.out}.txt, .json and .png")

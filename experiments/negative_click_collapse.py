@@ -22,7 +22,6 @@ clicks after the first:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -156,24 +155,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="experiments/results/negative_click_collapse")
     args = parser.parse_args(argv)
 
-    from evaluate_default_model import heldout_sets, validation_names
+    from evaluate_default_model import split_sets, write_results
 
     import sam_jax
 
     sam_jax.keep_freed_host_memory()
-    if args.split == "validation":
-        sets = heldout_sets(args.data, args.limit, 25, 1, heldout=False,
-                            only=validation_names(args.cache))
-    else:
-        sets = heldout_sets(args.data, args.limit, 25, 3)
-    results = evaluate(sets)
+    results = evaluate(split_sets(args.data, args.split, args.cache, args.limit))
     text = table(results, args.split)
     print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(args.out, text, results)
     print(f"wrote {args.out}.txt and .json")
     return 0
 
