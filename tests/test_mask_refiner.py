@@ -3,6 +3,8 @@ computes, and that every path that shows masks (predictor, device API, official 
 forward, automatic generator) shows the refined ones while the low-res logits stay the
 decoder's."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,6 +165,27 @@ def test_many_prompts_are_refined_in_groups_with_equal_results(refined_and_plain
                                          low[rows], index[rows], config=cfg)
         np.testing.assert_allclose(np.asarray(grouped[rows]), np.asarray(alone), rtol=0,
                                    atol=1e-5)
+
+
+def test_training_from_a_dinov2_checkpoint_keeps_its_input_size():
+    """The bundled model runs at 518 px and the `dinov2_s` preset at 448: fine-tuning it with
+    `model: dinov2_s` trains at the checkpoint's size; other encoders and equal sizes pass."""
+    from sam_jax.training.config import from_dict
+    from sam_jax.training.train import _keep_input_size
+
+    cfg = from_dict({"model": "dinov2_s", "optim": {"preset": "finetune"}, "data": {},
+                     "init_from": "CKPT"})
+    assert cfg.model.image_encoder.img_size == 448
+    bundled = cfg.model.replace(image_encoder=dataclasses.replace(cfg.model.image_encoder,
+                                                                  img_size=518))
+    kept = _keep_input_size(cfg, bundled)
+    assert kept.model == bundled and kept.optim == cfg.optim
+    assert (kept.model.image_embedding_size, kept.model.low_res_size) == (37, 148)
+    assert _keep_input_size(cfg, cfg.model) == cfg  # same size
+    tiny = from_dict({"model": "tiny", "optim": {"preset": "tiny"}, "data": {},
+                      "init_from": "CKPT"})
+    assert _keep_input_size(tiny, bundled) == tiny  # not a DINOv2 model: its own rules
+    assert _keep_input_size(cfg, configs.tiny()) == cfg
 
 
 def test_training_from_a_refined_checkpoint_keeps_its_refiner_frozen(refined_and_plain):

@@ -83,14 +83,30 @@ def _keep_refiner(cfg: TrainConfig, config) -> TrainConfig:
         optim=dataclasses.replace(cfg.optim, freeze=tuple(cfg.optim.freeze) + ("mask_refiner",)))
 
 
+def _keep_input_size(cfg: TrainConfig, config) -> TrainConfig:
+    """A starting DINOv2 checkpoint trained at another input size than the configured model's
+    (the bundled model runs at 518 px, the `dinov2_s` preset at 448) keeps its size: its
+    weights fit either, but its head was trained at its own grid, and fine-tuning at another
+    would silently change what users of the result get."""
+    ours, theirs = cfg.model.image_encoder, config.image_encoder
+    if (getattr(ours, "kind", None) != "dinov2" or getattr(theirs, "kind", None) != "dinov2"
+            or ours.img_size == theirs.img_size):
+        return cfg
+    print(f"{cfg.init_from}: training at its input size, {theirs.img_size} px "
+          f"(the configured model's is {ours.img_size})", flush=True)
+    return dataclasses.replace(cfg, model=cfg.model.replace(
+        image_encoder=dataclasses.replace(ours, img_size=theirs.img_size)))
+
+
 def _initial_variables(cfg: TrainConfig):
     """(cfg, variables): the starting variables, and the config to train them with (a
-    refiner of the starting checkpoint is kept: `_keep_refiner`)."""
+    refiner of the starting checkpoint is kept: `_keep_refiner`; so is a DINOv2 checkpoint's
+    input size: `_keep_input_size`)."""
     if cfg.init_from:
         from ..checkpoints import load_variables
 
         config, variables = load_variables(cfg.init_from, config=None)
-        cfg = _keep_refiner(cfg, config)
+        cfg = _keep_input_size(_keep_refiner(cfg, config), config)
         if jax.tree.map(np.shape, variables["params"]) != jax.tree.map(
                 np.shape, jax.eval_shape(lambda: init_variables(cfg.model, jax.random.key(0)))
                 ["params"]):
