@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from default_model_data import validation_views  # noqa: E402
 
 REFINE_SIDE = 224
+REFINER_DATA_SIZE = 448  # the input size --build-data regenerates the training views at
 CROP = 128  # training windows (refiner cells), centred on a point of the target's outline
 
 
@@ -56,9 +57,9 @@ def build_data(cache_dir: str, out: str) -> int:
     cache.rescan()
     names = np.concatenate([np.load(p)["names"] for p in cache.loaded])
     n = len(names)
-    images = np.zeros((n, 448, 448, 3), np.uint8)
+    images = np.zeros((n, REFINER_DATA_SIZE, REFINER_DATA_SIZE, 3), np.uint8)
     targets = np.zeros((n, 16, REFINE_SIDE, REFINE_SIDE // 8), np.uint8)
-    for i, view in enumerate(tqdm(training_views(train, 448, 128), total=n,
+    for i, view in enumerate(tqdm(training_views(train, REFINER_DATA_SIZE, 128), total=n,
                                   desc="regenerating views")):
         if view["name"] != names[i]:
             raise SystemExit(f"view {i}: regenerated {view['name']}, cached {names[i]}")
@@ -256,6 +257,13 @@ def main(argv=None) -> int:
                               refiner_cfg.mask_refiner)
     elif args.refiner_from:
         raise SystemExit("--refiner-from is an --export option")
+    if cfg.image_size != REFINER_DATA_SIZE:
+        # --build-data regenerates the views at 448 px: a head run at another size (the
+        # bundled one, 518 px) would decode features of the wrong grid
+        raise SystemExit(f"--model {args.model} runs at {cfg.image_size} px; refiner training "
+                         f"works on its {REFINER_DATA_SIZE} px views only: give a head "
+                         f"exported at {REFINER_DATA_SIZE} px, or reuse a refiner with "
+                         "--export --refiner-from")
     head_vars = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
     refiner = MaskRefiner()
     data = RefinerData(args.cache, args.data)

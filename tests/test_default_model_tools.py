@@ -253,6 +253,17 @@ def test_train_only_freezes_the_rest_of_the_head():
         assert (np.abs(np.asarray(u)).max() > 0) == (path in trained), path
 
 
+def test_refiner_training_refuses_a_head_at_another_input_size(tmp_path):
+    """train_mask_refiner.py regenerates its views at 448 px: the bundled head (518 px) is
+    refused with the way out named, before any data is read."""
+    import sam_jax
+    from train_mask_refiner import main
+
+    with pytest.raises(SystemExit, match="runs at 518 px.*448 px.*--refiner-from"):
+        main(["--model", sam_jax.DEFAULT_CHECKPOINT, "--cache", str(tmp_path / "none"),
+              "--data", str(tmp_path / "none"), "--workdir", str(tmp_path)])
+
+
 def test_mask_refiner_data_helpers():
     from default_model_data import validation_photos
     from train_mask_refiner import CROP, REFINE_SIDE, crop_origin, halve
@@ -312,10 +323,10 @@ def test_generator_thresholds_rule():
     assert choose(pred, np.full(9, 0.9), true)[0] == 0.71
 
 
-def test_input_size_sweep_runs_the_same_weights_on_a_larger_grid():
-    """`evaluate_default_model.py --image-size`: the bundled weights at 518 px (DINOv2's own
-    37x37 grid) give 148x148 low-res masks and masks at the photo's size; only a DINOv2
-    encoder can change its input size."""
+def test_input_size_sweep_runs_the_same_weights_on_another_grid():
+    """`evaluate_default_model.py --image-size`: the bundled weights (518 px, DINOv2's own
+    37x37 grid) at 448 px give a 32x32 grid, 128x128 low-res masks and masks at the photo's
+    size; only a DINOv2 encoder can change its input size."""
     import sam_jax
     from evaluate_default_model import with_input_size
     from sam_jax import configs
@@ -323,9 +334,10 @@ def test_input_size_sweep_runs_the_same_weights_on_a_larger_grid():
     from sam_jax.predictor import SamPredictor
 
     model = sam_jax.load()
-    resized = with_input_size(model, 518)
-    assert resized.config.image_encoder.img_size == 518
-    assert resized.config.image_embedding_size == 37
+    assert model.config.image_encoder.img_size == 518
+    resized = with_input_size(model, 448)
+    assert resized.config.image_encoder.img_size == 448
+    assert resized.config.image_embedding_size == 32
     assert resized.variables is model.variables
     assert resized.generator_defaults == model.generator_defaults
     predictor = SamPredictor(resized)
@@ -335,7 +347,7 @@ def test_input_size_sweep_runs_the_same_weights_on_a_larger_grid():
     masks, scores, low_res = predictor.predict(point_coords=np.array([[50.0, 32.0]]),
                                                point_labels=np.array([1]))
     assert masks.shape == (3, 60, 90) and scores.shape == (3,)
-    assert low_res.shape == (3, 148, 148)
+    assert low_res.shape == (3, 128, 128)
     inside = masks[int(np.argmax(scores))][20:45, 30:70].mean()
     assert inside > 0.9, inside  # the red block, clicked at its centre
     vit = SamModel(configs.tiny(), {"params": {}})
