@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from ..build_sam import init_variables
+from ..configs import Dinov2EncoderConfig
 from ..inference import SamModel
 from ..sharding import barrier, data_mesh, initialize_distributed
 from .config import TrainConfig
@@ -89,8 +90,8 @@ def _keep_input_size(cfg: TrainConfig, config) -> TrainConfig:
     weights fit either, but its head was trained at its own grid, and fine-tuning at another
     would silently change what users of the result get."""
     ours, theirs = cfg.model.image_encoder, config.image_encoder
-    if (getattr(ours, "kind", None) != "dinov2" or getattr(theirs, "kind", None) != "dinov2"
-            or ours.img_size == theirs.img_size):
+    if not (isinstance(ours, Dinov2EncoderConfig) and isinstance(theirs, Dinov2EncoderConfig)
+            and ours.img_size != theirs.img_size):
         return cfg
     print(f"{cfg.init_from}: training at its input size, {theirs.img_size} px "
           f"(the configured model's is {ours.img_size})", flush=True)
