@@ -7,7 +7,8 @@ training views, the decoder frozen.
 
 Data: the same training views as the head (`default_model_data.py`'s `training_views`,
 regenerated bit for bit from their seeds and checked against the feature cache), their padded
-448 px images and their masks at the refiner's resolution (224). A fixed 10% of the training
+images at the cache's input size (448 or 518 px) and their masks at the refiner's resolution,
+half of it (224 or 259). A fixed 10% of the training
 photos (seed 1, both views) is the refiner's validation split: it is never trained on, and the
 refiner's settings are chosen on it, not on the held-out photos.
 
@@ -15,7 +16,8 @@ Each step draws views, one mask each (probability proportional to sqrt(area)), r
 head on the cached features with the training simulation's first prompt (a point from the mask
 or a noisy box), and for half of the masks one corrective click from the error region with the
 previous logits fed back (the evaluation's second click); the refiner is trained on the
-resulting low-res logits with binary cross-entropy + dice at 224x224, inside the image only.
+resulting low-res logits with binary cross-entropy + dice at the refiner's resolution, inside
+the image only.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from default_model_data import validation_views  # noqa: E402
 
-REFINE_SIDE = 224
-REFINER_DATA_SIZE = 448  # the input size --build-data regenerates the training views at
 CROP = 128  # training windows (refiner cells), centred on a point of the target's outline
 
 
@@ -46,9 +46,11 @@ def halve(masks: np.ndarray) -> np.ndarray:
 
 
 def build_data(cache_dir: str, out: str) -> int:
+    """The cache's views regenerated at its input size: images.npy (N, S, S, 3) uint8 and
+    targets.npy, each slot's mask at S/2 bit-packed along the last axis."""
     from tqdm import tqdm
 
-    from default_model_data import training_views
+    from default_model_data import cache_image_size, training_views
     from train_default_model import FeatureCache
 
     with open(os.path.join(cache_dir, "split.json")) as f:
@@ -57,14 +59,18 @@ def build_data(cache_dir: str, out: str) -> int:
     cache.rescan()
     names = np.concatenate([np.load(p)["names"] for p in cache.loaded])
     n = len(names)
-    images = np.zeros((n, REFINER_DATA_SIZE, REFINER_DATA_SIZE, 3), np.uint8)
-    targets = np.zeros((n, 16, REFINE_SIDE, REFINE_SIDE // 8), np.uint8)
-    for i, view in enumerate(tqdm(training_views(train, REFINER_DATA_SIZE, 128), total=n,
-                                  desc="regenerating views")):
+    size = cache_image_size(cache_dir)
+    side = size // 2  # the refiner's cells: 2 input pixels each
+    packed_masks = cache.arrays["masks"]
+    images = np.zeros((n, size, size, 3), np.uint8)
+    targets = np.zeros((n, packed_masks.shape[1], side, -(-side // 8)), np.uint8)
+    low_res_side = packed_masks.shape[-2]
+    for i, view in enumerate(tqdm(training_views(train, size, low_res_side), total=n,
+                                  desc=f"regenerating views at {size} px")):
         if view["name"] != names[i]:
             raise SystemExit(f"view {i}: regenerated {view['name']}, cached {names[i]}")
         packed = np.packbits(view["masks"], axis=-1)
-        if not np.array_equal(packed, cache.arrays["masks"][i]):
+        if not np.array_equal(packed, packed_masks[i]):
             raise SystemExit(f"view {i} ({names[i]}): regenerated masks differ from the cache")
         images[i] = view["image"]
         targets[i] = np.packbits(halve(view["full_masks"]), axis=-1)
@@ -75,8 +81,23 @@ def build_data(cache_dir: str, out: str) -> int:
     return 0
 
 
+def unpack_target(packed: np.ndarray, side: int) -> np.ndarray:
+    """A target stored by --build-data (bits packed along the last axis) -> (..., side, side)
+    bool; an odd side (259 at 518 px) leaves pad bits in the last byte, dropped here."""
+    return np.unpackbits(packed, axis=-1)[..., :side] > 0
+
+
+def views_image_size(data_dir: str) -> int:
+    """The input size --build-data wrote `data_dir`'s views at (read from the array's header)."""
+    path = os.path.join(data_dir, "images.npy")
+    if not os.path.exists(path):
+        raise SystemExit(f"no {path}: run --build-data with the head's feature cache first")
+    return int(np.load(path, mmap_mode="r").shape[1])
+
+
 class RefinerData:
-    """The cache's features and low-res masks with the regenerated images and 224 targets."""
+    """The cache's features and low-res masks with the regenerated images and their targets
+    at the refiner's resolution (`side`, half the input size)."""
 
     def __init__(self, cache_dir: str, data_dir: str):
         from train_default_model import FeatureCache
@@ -88,6 +109,8 @@ class RefinerData:
         if len(self.images) != len(self.cache):
             raise SystemExit(f"{data_dir} has {len(self.images)} views, the cache "
                              f"{len(self.cache)}: rerun --build-data")
+        self.image_size = self.images.shape[1]
+        self.side = self.image_size // 2
         self.names = np.concatenate([np.load(p)["names"] for p in self.cache.loaded])
         # view 2i and 2i+1 come from training photo i
         self.is_val = validation_views(len(self.cache))
@@ -101,25 +124,25 @@ class RefinerData:
                "image": np.asarray(self.images[views]),
                "masks": np.zeros((b, 1, side, side), bool),
                "boxes": np.zeros((b, 1, 4), np.float32),
-               "target": np.zeros((b, REFINE_SIDE, REFINE_SIDE), bool)}
+               "target": np.zeros((b, self.side, self.side), bool)}
         for row, v in enumerate(views):
             valid = np.flatnonzero(a["mask_valid"][v])
             w = np.sqrt(a["area"][v, valid])
             k = rng.choice(valid, p=w / w.sum())
             out["masks"][row, 0] = np.unpackbits(a["masks"][v, k], axis=-1)[..., :side] > 0
             out["boxes"][row, 0] = a["boxes"][v, k]
-            out["target"][row] = np.unpackbits(self.targets[v, k], axis=-1) > 0
+            out["target"][row] = unpack_target(self.targets[v, k], self.side)
         out["origin"] = np.stack([crop_origin(t, rng) for t in out["target"]])
         return out
 
 
 def inside_image(batch):
-    """(B, REFINE_SIDE, REFINE_SIDE) bool: the refiner cells over the image, not its padding
-    (jax; traced in the loss, called on host batches in validation)."""
+    """(B, side, side) bool, side the targets': the refiner cells over the image, not its
+    padding (jax; traced in the loss, called on host batches in validation)."""
     import jax.numpy as jnp
 
     half = (jnp.asarray(batch["input_size"]) + 1) // 2
-    r = jnp.arange(REFINE_SIDE)
+    r = jnp.arange(batch["target"].shape[-1])
     return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
                                                            < half[:, 1, None, None])
 
@@ -127,15 +150,16 @@ def inside_image(batch):
 def crop_origin(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(row, col) of a CROP x CROP window of the refiner frame around a random pixel of the
     target's outline (where the decoder's errors are), inside the frame."""
+    side = target.shape[-1]
     inner = target.copy()
     inner[1:-1, 1:-1] &= (target[:-2, 1:-1] & target[2:, 1:-1] & target[1:-1, :-2]
                           & target[1:-1, 2:])
     ys, xs = np.nonzero(target & ~inner)
     if len(ys) == 0:
-        ys, xs = np.array([REFINE_SIDE // 2]), np.array([REFINE_SIDE // 2])
+        ys, xs = np.array([side // 2]), np.array([side // 2])
     i = rng.integers(len(ys))
     at = np.array([ys[i], xs[i]]) - CROP // 2 + rng.integers(-CROP // 4, CROP // 4 + 1, 2)
-    return np.clip(at, 0, REFINE_SIDE - CROP).astype(np.int32)
+    return np.clip(at, 0, side - CROP).astype(np.int32)
 
 
 def make_functions(cfg, head_vars, refiner):
@@ -174,12 +198,12 @@ def make_functions(cfg, head_vars, refiner):
         prompts = add_click(k2, prompts, first, gt, inside, True, size, cell, center_prob=0.5)
         m, _ = decode(prompts.coords, prompts.labels, first)
         second = jax.random.bernoulli(k3, second_prob, (gt.shape[0],))
-        return jnp.where(second[:, None, None], m[:, 0], first)
+        return jnp.where(second[:, None, None], m[:, 0], first), emb
 
-    def refined(rparams, batch, low_res):
+    def refined(rparams, batch, low_res, emb):
         pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
                                   cfg.pixel_std)
-        return refiner.apply({"params": rparams}, pixels, low_res[:, None])[:, 0]
+        return refiner.apply({"params": rparams}, pixels, low_res[:, None], emb)[:, 0]
 
     def crop(x, origin, scale):  # (B, H, W, ...) windows at origin * scale
         size = CROP * scale
@@ -187,14 +211,19 @@ def make_functions(cfg, head_vars, refiner):
             a, (o[0] * scale, o[1] * scale) + (0,) * (a.ndim - 2),
             (size, size) + a.shape[2:]))(x, origin)
 
-    def loss_fn(rparams, batch, low_res):
-        """On each mask's window: the image crop at 2x, the upsampled logits, the target."""
+    def loss_fn(rparams, batch, low_res, emb):
+        """On each mask's window: the image crop at 2x, the upsampled logits, the target (and
+        the window of the embedding's branch, upsampled over the whole frame first)."""
         pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
                                   cfg.pixel_std)
         origin = batch["origin"]
-        coarse = crop(upsample_logits(low_res, REFINE_SIDE), origin, 1)
+        side = batch["target"].shape[-1]
+        coarse = crop(upsample_logits(low_res, side), origin, 1)
         variables = {"params": rparams}
-        feats = refiner.apply(variables, crop(pixels, origin, 2), method="image_features")
+        feats = refiner.apply(variables, crop(pixels, origin, 2), method="pixel_features")
+        if refiner.embedding_input:
+            feats = feats + crop(refiner.apply(variables, emb, (side, side),
+                                               method="embedding_features"), origin, 1)
         logits = refiner.apply(variables, feats, coarse[:, None],
                                method="refine_upsampled")[:, 0]
         w = crop(inside_image(batch), origin, 1)
@@ -227,7 +256,11 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", default=None, metavar="NPZ",
-                        help="start from these refiner parameters (a previous run's)")
+                        help="start from these refiner parameters (a previous run's; one "
+                             "without the embedding branch starts --embedding-input's at zero)")
+    parser.add_argument("--embedding-input", action="store_true",
+                        help="train a refiner whose image branch also reads the head's image "
+                             "embedding (MaskRefinerConfig.embedding_input)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
     parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
@@ -245,7 +278,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from sam_jax.checkpoints.converted import load_converted
-    from sam_jax.modeling.mask_refiner import MaskRefiner
+    from sam_jax.configs import MaskRefinerConfig
+    from sam_jax.modeling.mask_refiner import MaskRefiner, upsample_logits
     from train_default_model import head_params
 
     cfg, variables = load_converted(args.model)
@@ -257,22 +291,25 @@ def main(argv=None) -> int:
                               refiner_cfg.mask_refiner)
     elif args.refiner_from:
         raise SystemExit("--refiner-from is an --export option")
-    if cfg.image_size != REFINER_DATA_SIZE:
-        # --build-data regenerates the views at 448 px: a head run at another size (the
-        # bundled one, 518 px) would decode features of the wrong grid
-        raise SystemExit(f"--model {args.model} runs at {cfg.image_size} px; refiner training "
-                         f"works on its {REFINER_DATA_SIZE} px views only: give a head "
-                         f"exported at {REFINER_DATA_SIZE} px, or reuse a refiner with "
-                         "--export --refiner-from")
     head_vars = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
-    refiner = MaskRefiner()
+    if args.validate or args.export:  # the trained run's own kind of refiner
+        args.embedding_input = "embedding_proj" in load_params(params_path_of(args))
+    refiner = MaskRefiner(embedding_input=args.embedding_input)
+    data_size = views_image_size(args.data)
+    if cfg.image_size != data_size:
+        # the head would decode features of another grid than the views' images
+        raise SystemExit(f"--model {args.model} runs at {cfg.image_size} px, --data "
+                         f"{args.data} holds {data_size} px views: give a --cache and "
+                         f"--data built at {cfg.image_size} px (--build-data), or reuse a "
+                         "refiner with --export --refiner-from")
     data = RefinerData(args.cache, args.data)
     coarse, refined, loss_fn = make_functions(cfg, head_vars, refiner)
     os.makedirs(args.workdir, exist_ok=True)
-    params_path = os.path.join(args.workdir, "refiner_params.npz")
+    params_path = params_path_of(args)
 
     if args.export:
-        return export_refined(args, cfg, variables, load_params(params_path))
+        return export_refined(args, cfg, variables, load_params(params_path),
+                              MaskRefinerConfig(embedding_input=args.embedding_input))
 
     if args.validate:
         rparams = load_params(params_path)
@@ -284,15 +321,16 @@ def main(argv=None) -> int:
             batch = data.batch(chunk, rng)
             inside = np.asarray(inside_image(batch))
             for name, prob in (("first prompt", 0.0), ("after a corrective click", 1.0)):
-                low = coarse(batch, jax.random.key(start), prob)
-                base = iou_at(refiner_identity(low), batch["target"], inside)
-                ref = iou_at(refined(rparams, batch, low), batch["target"], inside)
+                low, emb = coarse(batch, jax.random.key(start), prob)
+                base = iou_at(upsample_logits(low, data.side), batch["target"], inside)
+                ref = iou_at(refined(rparams, batch, low, emb), batch["target"], inside)
                 for v, b, r in zip(chunk, base, ref):
                     rows.append((str(data.names[v]).split("/")[0], name, b, r))
         lines = [f"Mask refiner on its validation split ({len(views)} views of "
                  f"{len(views) // 2} training photos never used to train it; one mask a "
                  "view, drawn proportional to sqrt(area); first prompt a point from the mask "
-                 "or a noisy box, as in training; IoU at the refiner's 224x224 over the "
+                 "or a noisy box, as in training; IoU at the refiner's "
+                 f"{data.side}x{data.side} over the "
                  f"image). Model: {args.model}, refiner: {params_path}", "",
                  "| views of | prompt | masks | decoder IoU | refined IoU | gain |",
                  "|---|---|---|---|---|---|"]
@@ -313,9 +351,13 @@ def main(argv=None) -> int:
         return 0
 
     rparams = refiner.init(jax.random.key(args.seed), np.zeros((1, 448, 448, 3), np.float32),
-                           np.zeros((1, 1, 128, 128), np.float32))["params"]
+                           np.zeros((1, 1, 128, 128), np.float32),
+                           np.zeros((1, 32, 32, cfg.prompt_encoder.embed_dim),
+                                    np.float32))["params"]
     if args.init_from:
         loaded = load_params(args.init_from)
+        if args.embedding_input and "embedding_proj" not in loaded:
+            loaded["embedding_proj"] = rparams["embedding_proj"]  # zeros: the same refiner
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
         rparams = loaded
@@ -325,9 +367,9 @@ def main(argv=None) -> int:
     opt_state = opt.init(rparams)
 
     @jax.jit
-    def step(rparams, opt_state, batch, low_res):
+    def step(rparams, opt_state, batch, low_res, emb):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(rparams, batch,
-                                                                       low_res)
+                                                                       low_res, emb)
         updates, opt_state = opt.update(grads, opt_state, rparams)
         return optax.apply_updates(rparams, updates), opt_state, loss, aux
 
@@ -337,10 +379,10 @@ def main(argv=None) -> int:
     for i in bar:
         rng = np.random.default_rng([args.seed, i])
         batch = data.batch(rng.choice(train_views, args.batch_size, replace=False), rng)
-        low = coarse(batch, jax.random.key(i), 0.5)
+        low, emb = coarse(batch, jax.random.key(i), 0.5)
         t = time.time()
         rparams, opt_state, loss, (logits, target, inside, coarse_crop) = step(
-            rparams, opt_state, batch, low)
+            rparams, opt_state, batch, low, emb)
         if i % 10 == 0 or i == args.steps - 1:  # IoU on the training windows
             target, inside = np.asarray(target) > 0, np.asarray(inside)
             m = dict(step=i, loss=float(loss), seconds=time.time() - t,
@@ -385,9 +427,8 @@ def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int
                       source_note=", mask refiner by experiments/train_mask_refiner.py")
 
 
-def refiner_identity(low_res):
-    from sam_jax.modeling.mask_refiner import upsample_logits
-    return upsample_logits(low_res, REFINE_SIDE)
+def params_path_of(args) -> str:
+    return os.path.join(args.workdir, "refiner_params.npz")
 
 
 def save_params(path: str, params) -> None:

@@ -81,6 +81,9 @@ class MaskRefinerConfig:
 
     width: int = 32
     dilations: Tuple[int, ...] = (1, 2, 4, 8, 1)
+    # the image features also read the image embedding (projected, upsampled): False for the
+    # refiners trained before it, whose checkpoints have no `embedding_proj`
+    embedding_input: bool = False
 
     def __post_init__(self):
         if self.width < 1 or not self.dilations or min(self.dilations) < 1:

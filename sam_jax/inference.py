@@ -166,14 +166,30 @@ def embed_images(variables: Variables, images: jax.Array, *, config: SamConfig) 
     return Sam(config).apply(variables, images, method="embed_image")
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def refiner_features(variables: Variables, images: jax.Array, *,
+def refiner_features(variables: Variables, images: jax.Array,
+                     image_embeddings: Optional[jax.Array] = None, *,
                      config: SamConfig) -> Optional[jax.Array]:
-    """(B, S, S, 3) prepared images -> the mask refiner's image features (B, S/2, S/2, width),
-    or None for a model without a refiner (`SamConfig.mask_refiner`)."""
+    """(B, S, S, 3) prepared images [and their `embed_images` embeddings, which a refiner with
+    `embedding_input` reads] -> the mask refiner's image features (B, S/2, S/2, width), or
+    None for a model without a refiner (`SamConfig.mask_refiner`)."""
     if config.mask_refiner is None:
         return None
-    return Sam(config).apply(variables, images, method="refiner_features")
+    if config.mask_refiner.embedding_input:
+        if image_embeddings is None:
+            raise ValueError("this model's mask refiner reads the image embedding: call "
+                             "refiner_features(variables, images, embed_images(...), "
+                             "config=...)")
+        if image_embeddings.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {image_embeddings.shape[0]} "
+                             "embeddings")
+    else:
+        image_embeddings = None  # not read: no retrace keyed on it
+    return _refiner_features(variables, images, image_embeddings, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _refiner_features(variables, images, image_embeddings, *, config):
+    return Sam(config).apply(variables, images, image_embeddings, method="refiner_features")
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -458,7 +474,7 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
     pixels = normalize_padded(np.stack(images), np.asarray(input_sizes), config.pixel_mean,
                               config.pixel_std)
     embeddings = embed_images(model.variables, pixels, config=config)
-    detail = refiner_features(model.variables, pixels, config=config)
+    detail = refiner_features(model.variables, pixels, embeddings, config=config)
 
     coords, labels, boxes, masks, index = [], [], [], [], []
     for i, prompts in enumerate(per_image):

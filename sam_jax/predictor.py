@@ -52,7 +52,8 @@ class SamPredictor:
                                                config=self.model.config)
         # a model with a mask refiner reads the image again when it upscales masks
         self.refiner_features = inference.refiner_features(
-            self.model.variables, prepared.pixels[None], config=self.model.config)
+            self.model.variables, prepared.pixels[None], self.features,
+            config=self.model.config)
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
         self.is_image_set = True

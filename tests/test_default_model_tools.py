@@ -254,19 +254,26 @@ def test_train_only_freezes_the_rest_of_the_head():
 
 
 def test_refiner_training_refuses_a_head_at_another_input_size(tmp_path):
-    """train_mask_refiner.py regenerates its views at 448 px: the bundled head (518 px) is
-    refused with the way out named, before any data is read."""
+    """train_mask_refiner.py trains on views regenerated at the feature cache's input size: a
+    head at another size (the bundled one runs at 518 px) is refused with the way out named,
+    before the cache is read; no data at all is named too."""
     import sam_jax
     from train_mask_refiner import main
 
-    with pytest.raises(SystemExit, match="runs at 518 px.*448 px.*--refiner-from"):
-        main(["--model", sam_jax.DEFAULT_CHECKPOINT, "--cache", str(tmp_path / "none"),
-              "--data", str(tmp_path / "none"), "--workdir", str(tmp_path)])
+    args = ["--model", sam_jax.DEFAULT_CHECKPOINT, "--cache", str(tmp_path / "none"),
+            "--data", str(tmp_path / "data"), "--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="images.npy: run --build-data"):
+        main(args)
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "images.npy", np.zeros((0, 448, 448, 3), np.uint8))
+    with pytest.raises(SystemExit, match="runs at 518 px.*holds 448 px views.*--refiner-from"):
+        main(args)
 
 
-def test_mask_refiner_data_helpers():
+@pytest.mark.parametrize("side", [224, 259])  # 448 and 518 px views: an odd side packs a tail
+def test_mask_refiner_data_helpers(side):
     from default_model_data import validation_photos
-    from train_mask_refiner import CROP, REFINE_SIDE, crop_origin, halve
+    from train_mask_refiner import CROP, crop_origin, halve, unpack_target
 
     # a cell is in the halved mask when at least 2 of its 4 pixels are
     full = np.zeros((4, 4), bool)
@@ -277,14 +284,17 @@ def test_mask_refiner_data_helpers():
     val = validation_photos(1462)
     assert val.sum() == 146 and np.array_equal(val, validation_photos(1462))
     # crop windows lie inside the frame and contain the outline point they were drawn around
-    target = np.zeros((REFINE_SIDE, REFINE_SIDE), bool)
+    target = np.zeros((side, side), bool)
     target[100:140, 30:60] = True
+    target[200:, side - 3:] = True  # up to the last column: the packed tail's bits
     rng = np.random.default_rng(0)
     for _ in range(20):
         r, c = crop_origin(target, rng)
-        assert 0 <= r <= REFINE_SIDE - CROP and 0 <= c <= REFINE_SIDE - CROP
+        assert 0 <= r <= side - CROP and 0 <= c <= side - CROP
         window = target[r:r + CROP, c:c + CROP]
         assert window.any() and not window.all()  # the outline is inside the window
+    # targets are stored bit-packed along the last axis and read back to their side
+    np.testing.assert_array_equal(unpack_target(np.packbits(target, axis=-1), side), target)
 
 
 def test_validation_names_follow_the_cache_order(tmp_path):

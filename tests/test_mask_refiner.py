@@ -4,6 +4,7 @@ forward, automatic generator) shows the refined ones while the low-res logits st
 decoder's."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,8 @@ from sam_jax.modeling.mask_refiner import MaskRefiner, upsample_logits
 from sam_jax.predictor import SamPredictor
 
 REFINER = MaskRefinerConfig(width=8, dilations=(1, 2))
+# the bundled refiner's kind since 2026-12-02: it also reads the image embedding
+REFINER_EMB = MaskRefinerConfig(width=8, dilations=(1, 2), embedding_input=True)
 
 
 def _perturbed(params, seed):
@@ -31,10 +34,12 @@ def _perturbed(params, seed):
                                      for k, x in zip(keys, leaves)])
 
 
-@pytest.fixture(scope="module")
-def refined_and_plain():
-    """A tiny model with a trained-looking refiner, and the same model without one."""
-    cfg = configs.tiny().replace(mask_refiner=REFINER)
+@pytest.fixture(scope="module", params=[REFINER, REFINER_EMB],
+                ids=["pixels", "pixels+embedding"])
+def refined_and_plain(request):
+    """A tiny model with a trained-looking refiner (of each kind), and the same model without
+    one."""
+    cfg = configs.tiny().replace(mask_refiner=request.param)
     variables = sam_jax.init_variables(cfg, jax.random.key(0))
     params = dict(variables["params"])
     params["mask_refiner"] = _perturbed(params["mask_refiner"], 1)
@@ -66,10 +71,66 @@ def test_masks_of_one_image_are_refined_independently():
     assert np.abs(together - np.asarray(upsample_logits(low, 16))).max() > 0.1
 
 
+def test_embedding_branch_starts_as_the_refiner_without_it():
+    """A refiner with `embedding_input` whose projection is still zero (how training adds it
+    to a trained refiner) gives the old refiner's logits exactly; once trained, the embedding
+    changes them, and a missing embedding is an error, not a silent colour-only refiner."""
+    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+    low = 5 * jax.random.normal(jax.random.key(1), (2, 3, 8, 8))
+    emb = jax.random.normal(jax.random.key(2), (2, 2, 2, 16))
+    old = MaskRefiner(8, (1, 2))
+    new = MaskRefiner(8, (1, 2), embedding_input=True)
+    old_params = _perturbed(old.init(jax.random.key(3), images, low)["params"], 4)
+    fresh = new.init(jax.random.key(5), images, low, emb)["params"]
+    assert set(fresh) == set(old_params) | {"embedding_proj"}
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(fresh["embedding_proj"]))
+    grown = dict(old_params, embedding_proj=fresh["embedding_proj"])
+    np.testing.assert_array_equal(np.asarray(new.apply({"params": grown}, images, low, emb)),
+                                  np.asarray(old.apply({"params": old_params}, images, low)))
+    trained = dict(grown, embedding_proj=_perturbed(fresh["embedding_proj"], 6))
+    out = np.asarray(new.apply({"params": trained}, images, low, emb))
+    assert out.shape == (2, 3, 14, 14)
+    assert np.abs(out - np.asarray(old.apply({"params": old_params}, images, low))).max() > 0.1
+    # the embedding's branch is upsampled over the frame: a crop of the full frame's branch
+    # is what training adds to a crop's colour features
+    full = new.apply({"params": trained}, images, emb, method="image_features")
+    parts = (new.apply({"params": trained}, images, method="pixel_features")
+             + new.apply({"params": trained}, emb, (14, 14), method="embedding_features"))
+    np.testing.assert_allclose(np.asarray(full), np.asarray(parts), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="reads the image embedding"):
+        new.apply({"params": trained}, images, low)
+
+
+def test_refiner_features_need_the_embedding_when_the_refiner_reads_it(refined_and_plain):
+    refined, _ = refined_and_plain
+    cfg = refined.config
+    pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    emb = inference.embed_images(refined.variables, pixels, config=cfg)
+    with_emb = inference.refiner_features(refined.variables, pixels, emb, config=cfg)
+    assert with_emb.shape == (1, cfg.image_size // 2, cfg.image_size // 2, 8)
+    if cfg.mask_refiner.embedding_input:
+        with pytest.raises(ValueError, match="reads the image embedding"):
+            inference.refiner_features(refined.variables, pixels, config=cfg)
+        with pytest.raises(ValueError, match="2 images but 1 embeddings"):
+            inference.refiner_features(refined.variables, jnp.concatenate([pixels] * 2), emb,
+                                       config=cfg)
+    else:  # a colour-only refiner ignores an embedding it is given
+        np.testing.assert_array_equal(
+            np.asarray(inference.refiner_features(refined.variables, pixels, config=cfg)),
+            np.asarray(with_emb))
+
+
 def test_config_round_trip_and_checks():
     cfg = configs.dinov2_s().replace(mask_refiner=MaskRefinerConfig())
     again = SamConfig.from_json(cfg.to_json())
     assert again == cfg and again.mask_refiner.dilations == (1, 2, 4, 8, 1)
+    assert not again.mask_refiner.embedding_input
+    emb = cfg.replace(mask_refiner=MaskRefinerConfig(embedding_input=True))
+    assert SamConfig.from_json(emb.to_json()) == emb
+    # a config.json written before the option has no key: a colour-only refiner
+    old = json.loads(cfg.to_json())
+    del old["mask_refiner"]["embedding_input"]
+    assert SamConfig.from_json(json.dumps(old)).mask_refiner == MaskRefinerConfig()
     assert SamConfig.from_json(configs.dinov2_s().to_json()).mask_refiner is None
     with pytest.raises(ValueError, match="dilations"):
         MaskRefinerConfig(width=8, dilations=(0,))
@@ -197,7 +258,7 @@ def test_training_from_a_refined_checkpoint_keeps_its_refiner_frozen(refined_and
     cfg = from_dict({"model": "tiny", "optim": {"preset": "tiny"}, "data": {},
                      "init_from": "CKPT"})
     kept = _keep_refiner(cfg, refined.config)
-    assert kept.model == cfg.model.replace(mask_refiner=REFINER)
+    assert kept.model == cfg.model.replace(mask_refiner=refined.config.mask_refiner)
     assert "mask_refiner" in kept.optim.freeze
     assert _keep_refiner(cfg, configs.tiny()) == cfg  # nothing to keep
     assert _keep_refiner(kept, refined.config) == kept  # already kept

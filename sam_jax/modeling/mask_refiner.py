@@ -40,6 +40,9 @@ class MaskRefiner(nn.Module):
     width: int = 32
     dilations: tuple[int, ...] = (1, 2, 4, 8, 1)
     dtype: jnp.dtype = jnp.float32
+    # the image branch also reads the image embedding (B, h, w, C) over the same frame: what
+    # is where, which colour and edges alone do not say
+    embedding_input: bool = False
 
     def setup(self):
         def conv(features, dilation=1, stride=1, zero=False):
@@ -50,6 +53,10 @@ class MaskRefiner(nn.Module):
 
         self.image_in = conv(self.width, stride=2)
         self.image_mid = conv(self.width)
+        if self.embedding_input:
+            # starts at zero: a refiner trained without it is reproduced exactly, then learns
+            self.embedding_proj = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                                           kernel_init=nn.initializers.zeros)
         self.fuse = conv(self.width)
         # pre-norm residual blocks: without the norms the residual sums grow block by block
         # and the first trained steps swing the logits by tens
@@ -59,10 +66,27 @@ class MaskRefiner(nn.Module):
         self.out_norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
         self.out = conv(1, zero=True)
 
-    def image_features(self, images: jax.Array) -> jax.Array:
-        """(B, S, S, 3) -> (B, S/2, S/2, width): computed once per image."""
+    def image_features(self, images: jax.Array, embeddings=None) -> jax.Array:
+        """(B, S, S, 3) [and the (B, h, w, C) image embeddings over the same padded frame, for
+        `embedding_input`] -> (B, S/2, S/2, width): computed once per image."""
+        x = self.pixel_features(images)
+        if not self.embedding_input:
+            return x
+        if embeddings is None:
+            raise ValueError("this mask refiner reads the image embedding: pass embeddings")
+        return x + self.embedding_features(embeddings, x.shape[1:3])
+
+    def pixel_features(self, images: jax.Array) -> jax.Array:
+        """(B, S, S, 3) -> (B, S/2, S/2, width): the colour branch alone (also any crop)."""
         x = gelu(self.image_in(images.astype(self.dtype)))
         return gelu(self.image_mid(x))
+
+    def embedding_features(self, embeddings: jax.Array, shape) -> jax.Array:
+        """(B, h, w, C) embeddings -> (B, *shape, width): projected, then upsampled bilinearly
+        over the same frame (projecting first keeps the upsampled tensor `width` deep)."""
+        x = self.embedding_proj(embeddings.astype(self.dtype))
+        return jax.image.resize(x, (x.shape[0],) + tuple(shape) + (x.shape[-1],), "linear",
+                                antialias=False)
 
     def refine(self, image_features: jax.Array, low_res: jax.Array) -> jax.Array:
         """image_features (B, s, s, width), low_res (B, N, L, L) -> (B, N, s, s) logits."""
@@ -86,5 +110,5 @@ class MaskRefiner(nn.Module):
         delta = self.out(gelu(self.out_norm(x)).astype(self.dtype))[..., 0].astype(jnp.float32)
         return coarse + delta.reshape(b, n, h, w)
 
-    def __call__(self, images: jax.Array, low_res: jax.Array) -> jax.Array:
-        return self.refine(self.image_features(images), low_res)
+    def __call__(self, images: jax.Array, low_res: jax.Array, embeddings=None) -> jax.Array:
+        return self.refine(self.image_features(images, embeddings), low_res)

@@ -39,7 +39,8 @@ class Sam(nn.Module):
                                         md.iou_head_depth, md.iou_head_hidden_dim, dtype)
         if cfg.mask_refiner is not None:
             self.mask_refiner = MaskRefiner(cfg.mask_refiner.width, cfg.mask_refiner.dilations,
-                                            dtype)
+                                            dtype,
+                                            embedding_input=cfg.mask_refiner.embedding_input)
 
     def embed_image(self, images, deterministic: bool = True):
         """(B, S, S, 3) normalized, padded images -> (B, g, g, 256), g = S / patch size. Training passes
@@ -81,10 +82,11 @@ class Sam(nn.Module):
         return self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.get_dense_pe(),
                                                sparse, dense, token_mask)
 
-    def refiner_features(self, images):
-        """(B, S, S, 3) normalized, padded images -> the mask refiner's image features
-        (B, S/2, S/2, width), computed once per image like the embedding."""
-        return self.mask_refiner.image_features(images)
+    def refiner_features(self, images, image_embeddings=None):
+        """(B, S, S, 3) normalized, padded images [and their embeddings, for a refiner that
+        reads them] -> the mask refiner's image features (B, S/2, S/2, width), computed once
+        per image like the embedding."""
+        return self.mask_refiner.image_features(images, image_embeddings)
 
     def refine_masks(self, refiner_features, low_res):
         """refiner_features (B, s, s, width), low_res (B, N, L, L) logits -> (B, N, s, s)
@@ -99,5 +101,5 @@ class Sam(nn.Module):
                                  self.no_mask_dense(mask_inputs.shape[0])], axis=0)
         out = self.decode(emb, jnp.concatenate([sparse, sparse], 0), dense, True)
         if self.config.mask_refiner is not None:
-            self.refine_masks(self.refiner_features(images), out[0][:images.shape[0]])
+            self.refine_masks(self.refiner_features(images, emb), out[0][:images.shape[0]])
         return out
