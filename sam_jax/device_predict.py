@@ -126,8 +126,9 @@ def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: Pro
     `SamPredictor.predict_batch`; jitted calls, each compiled once per bucket.
 
     With `refiner_features` (`inference.refiner_features` of the images and their
-    embeddings, for a model with a mask refiner) the masks are upscaled from the refined logits; the low-res logits returned
-    stay the decoder's (they are the next click's mask prompt)."""
+    embeddings, for a model with a mask refiner) the masks are upscaled from the refined
+    logits; the low-res logits returned stay the decoder's (they are the next click's mask
+    prompt)."""
     prompts = prompts._replace(num_prompts=None)  # no host int among the jitted arguments
     low_res, iou = inference.decode_prompts(variables, embeddings, prompts, config=config,
                                             multimask_output=multimask_output,
@@ -169,8 +170,8 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
     input_size (h, w) after resizing and original_size (H, W), both static, ask for masks at
     the original size (bool, or float32 logits with return_logits); without them only IoU and
     low-res logits are computed. `refiner_features` (`inference.refiner_features` of the
-    images and their embeddings, for a model with a mask refiner) refines the upscaled masks; the low-res logits
-    stay the decoder's. With `mesh` (a `data` axis), the prompts are decoded
+    images and their embeddings, for a model with a mask refiner) refines the upscaled masks;
+    the low-res logits stay the decoder's. With `mesh` (a `data` axis), the prompts are decoded
     data-parallel, the outputs sharded along P. Returns a `DevicePrediction` of jax arrays, P
     rows each.
 
