@@ -82,8 +82,9 @@ def build_data(cache_dir: str, out: str) -> int:
 
 
 def unpack_target(packed: np.ndarray, side: int) -> np.ndarray:
-    """A target stored by --build-data (bits packed along the last axis) -> (..., side, side)
-    bool; an odd side (259 at 518 px) leaves pad bits in the last byte, dropped here."""
+    """A mask stored with its bits packed along the last axis (--build-data's targets, the
+    cache's low-res masks) -> (..., side, side) bool; a side that is not a multiple of 8 (259
+    at 518 px) leaves pad bits in the last byte, dropped here."""
     return np.unpackbits(packed, axis=-1)[..., :side] > 0
 
 
@@ -129,7 +130,7 @@ class RefinerData:
             valid = np.flatnonzero(a["mask_valid"][v])
             w = np.sqrt(a["area"][v, valid])
             k = rng.choice(valid, p=w / w.sum())
-            out["masks"][row, 0] = np.unpackbits(a["masks"][v, k], axis=-1)[..., :side] > 0
+            out["masks"][row, 0] = unpack_target(a["masks"][v, k], side)
             out["boxes"][row, 0] = a["boxes"][v, k]
             out["target"][row] = unpack_target(self.targets[v, k], self.side)
         out["origin"] = np.stack([crop_origin(t, rng) for t in out["target"]])
@@ -292,9 +293,11 @@ def main(argv=None) -> int:
     elif args.refiner_from:
         raise SystemExit("--refiner-from is an --export option")
     head_vars = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
-    if args.validate or args.export:  # the trained run's own kind of refiner
-        args.embedding_input = "embedding_proj" in load_params(params_path_of(args))
-    refiner = MaskRefiner(embedding_input=args.embedding_input)
+    params_path = os.path.join(args.workdir, "refiner_params.npz")
+    # --validate and --export read the trained run's parameters, which say its kind of refiner
+    trained = load_params(params_path) if args.validate or args.export else None
+    embedding_input = ("embedding_proj" in trained) if trained else args.embedding_input
+    refiner = MaskRefiner(embedding_input=embedding_input)
     data_size = views_image_size(args.data)
     if cfg.image_size != data_size:
         # the head would decode features of another grid than the views' images
@@ -305,14 +308,13 @@ def main(argv=None) -> int:
     data = RefinerData(args.cache, args.data)
     coarse, refined, loss_fn = make_functions(cfg, head_vars, refiner)
     os.makedirs(args.workdir, exist_ok=True)
-    params_path = params_path_of(args)
 
     if args.export:
-        return export_refined(args, cfg, variables, load_params(params_path),
-                              MaskRefinerConfig(embedding_input=args.embedding_input))
+        return export_refined(args, cfg, variables, trained,
+                              MaskRefinerConfig(embedding_input=embedding_input))
 
     if args.validate:
-        rparams = load_params(params_path)
+        rparams = trained
         views = np.flatnonzero(data.is_val)
         rng = np.random.default_rng(123)
         rows = []  # (dataset, prompt, decoder IoU, refined IoU)
@@ -356,7 +358,7 @@ def main(argv=None) -> int:
                                     np.float32))["params"]
     if args.init_from:
         loaded = load_params(args.init_from)
-        if args.embedding_input and "embedding_proj" not in loaded:
+        if embedding_input and "embedding_proj" not in loaded:
             loaded["embedding_proj"] = rparams["embedding_proj"]  # zeros: the same refiner
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
@@ -425,10 +427,6 @@ def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int
         return export(refined_cfg, trained, jax.device_get(variables["buffers"]), args.export,
                       args.onnx, quantized=True, thresholds_json=thresholds,
                       source_note=", mask refiner by experiments/train_mask_refiner.py")
-
-
-def params_path_of(args) -> str:
-    return os.path.join(args.workdir, "refiner_params.npz")
 
 
 def save_params(path: str, params) -> None:
