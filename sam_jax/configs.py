@@ -38,6 +38,10 @@ class ImageEncoderConfig:
     def embedding_size(self) -> int:
         return self.img_size // self.patch_size
 
+    @property
+    def detail_channels(self) -> int:
+        return 0  # SAM's ViT has no detail branch (Dinov2EncoderConfig.detail_layer)
+
 
 @dataclasses.dataclass(frozen=True)
 class Dinov2EncoderConfig:
@@ -54,6 +58,12 @@ class Dinov2EncoderConfig:
     num_positions: int = 37 * 37  # the pretraining grid (518 px / 14)
     layer_norm_eps: float = 1e-6
     out_chans: int = 256
+    # 0: off. k: the backbone's residual stream after block k (an early block still knows
+    # where inside its 14 px patch an edge lies, which the last one has abstracted away) goes
+    # through an upsampling branch to the mask decoder's 4x-upscaled features and is added to
+    # them (HQ-SAM's early-layer fusion). The image embedding then carries those features too
+    # (`Dinov2ImageEncoder.neck`).
+    detail_layer: int = 0
     # Training only, accepted for the same overrides as the SAM ViT (nothing to drop here).
     drop_path_rate: float = 0.0
     remat_blocks: bool = False
@@ -61,6 +71,9 @@ class Dinov2EncoderConfig:
     def __post_init__(self):
         if self.kind != "dinov2":
             raise ValueError(f"Dinov2EncoderConfig.kind must be 'dinov2', got {self.kind!r}")
+        if not 0 <= self.detail_layer < self.depth:
+            raise ValueError(f"detail_layer must be 0 (off) or a block in 1..{self.depth - 1}, "
+                             f"got {self.detail_layer}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of the patch size "
                              f"{self.patch_size}")
@@ -68,6 +81,17 @@ class Dinov2EncoderConfig:
     @property
     def embedding_size(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of `backbone`'s output: the last block's features [and the detail block's]."""
+        return self.embed_dim * (2 if self.detail_layer else 1)
+
+    @property
+    def detail_channels(self) -> int:
+        """Channels the detail branch adds to each embedding cell: the decoder's upscaled
+        features (out_chans / 8 channels) on the 4x4 sub-pixels the cell upscales to."""
+        return 16 * (self.out_chans // 8) if self.detail_layer else 0
 
 
 EncoderConfig = Union[ImageEncoderConfig, Dinov2EncoderConfig]
@@ -151,6 +175,11 @@ class SamConfig:
     @property
     def image_embedding_size(self) -> int:
         return self.image_encoder.embedding_size
+
+    @property
+    def embedding_channels(self) -> int:
+        """Channels of an image embedding: out_chans [+ the detail branch's]."""
+        return self.image_encoder.out_chans + self.image_encoder.detail_channels
 
     @property
     def low_res_size(self) -> int:

@@ -106,6 +106,8 @@ class SamModel:
         c = self.config
         e = c.image_encoder
         kind = "DINOv2 ViT" if getattr(e, "kind", None) == "dinov2" else "ViT"
+        if getattr(e, "detail_layer", 0):
+            kind += f" (detail branch from block {e.detail_layer})"
         params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.variables["params"]))
         count = f"{params / 1e6:.1f} M" if params >= 1e6 else f"{params / 1e3:.1f} k"
         int8 = ", int8 weights" if "int8_scales" in self.variables else ""

@@ -22,6 +22,7 @@ import flax.linen as nn
 import numpy as np
 
 from .common import LayerNorm, dense, gelu, named
+from .mask_decoder import ConvTranspose2x2
 
 
 def _cubic_weights(t: float, a: float = -0.75) -> np.ndarray:
@@ -125,12 +126,36 @@ class Dinov2Layer(nn.Module):
         return x + LayerScale(name="layer_scale2")(y.astype(jnp.float32))
 
 
-class Dinov2ImageEncoder(nn.Module):
-    """(B, S, S, 3) normalized, padded images -> (B, S/14, S/14, out_chans) embeddings.
+class DetailBranch(nn.Module):
+    """HQ-SAM's early-layer fusion: (B, g, g, embed_dim) features of an early block ->
+    (B, g, g, 2, 2, 2, 2, width) in the mask decoder's sub-pixel layout of its 4x-upscaled
+    features, which they are added to. The last layer starts at zero, so a model given the
+    branch decodes exactly as before it was trained."""
 
-    `backbone` gives the DINOv2 patch features after its final layer norm, (B, g, g, 384);
-    `neck` maps them to SAM's embedding. Training with a frozen backbone caches `backbone`'s
-    output once and trains `neck` and the decoder on it."""
+    width: int  # the decoder's upscaled channels (transformer_dim / 8)
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.norm_in = LayerNorm(1e-6)
+        self.up0 = ConvTranspose2x2(2 * self.width, self.dtype)
+        self.norm_mid = LayerNorm(1e-6)
+        self.up1 = ConvTranspose2x2(self.width, self.dtype, zero_init=True)
+
+    def __call__(self, features):
+        x = self.up0(self.norm_in(features.astype(jnp.float32)))
+        return self.up1(gelu(self.norm_mid(x))).astype(jnp.float32)
+
+
+class Dinov2ImageEncoder(nn.Module):
+    """(B, S, S, 3) normalized, padded images -> (B, S/14, S/14, C) embeddings: C = out_chans,
+    plus `detail_channels` with a detail branch (`Dinov2EncoderConfig.detail_layer`).
+
+    `backbone` gives the DINOv2 patch features after its final layer norm, (B, g, g, 384)
+    [followed by the detail block's residual stream, 384 more]; `neck` maps them to SAM's
+    embedding [followed by the detail branch's output, flattened per cell]. Training with a
+    frozen backbone caches `backbone`'s output once and trains `neck` and the decoder on it.
+    Carrying the detail inside the embedding keeps one array per image everywhere an
+    embedding is stored, batched or sharded."""
 
     config: "Dinov2EncoderConfig"  # noqa: F821
     dtype: jnp.dtype = jnp.float32
@@ -148,19 +173,49 @@ class Dinov2ImageEncoder(nn.Module):
                                  use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         self.neck_layers = [named(self, "neck.0", conv(1)), named(self, "neck.1", LayerNorm(1e-6)),
                             named(self, "neck.2", conv(3)), named(self, "neck.3", LayerNorm(1e-6))]
+        if cfg.detail_layer:
+            # under "neck." so that everything that trains or exports the head takes it along
+            self.detail = named(self, "neck.detail", DetailBranch(cfg.out_chans // 8,
+                                                                  self.dtype))
+
+    def _grid(self, pixels):
+        return self.embeddings(pixels.astype(self.dtype))
+
+    @staticmethod
+    def _patches(x, grid):
+        return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], -1)
+
+    def detail_features(self, pixels):
+        """The residual stream after block `detail_layer` only (B, g, g, embed_dim): what a
+        frozen-backbone cache adds for the detail branch, at a quarter of the backbone's cost."""
+        x, grid = self._grid(pixels)
+        for layer in self.layers[:self.config.detail_layer]:
+            x = layer(x)
+        return self._patches(x, grid)
 
     def backbone(self, pixels):
-        x, (gh, gw) = self.embeddings(pixels.astype(self.dtype))
-        for layer in self.layers:
+        x, grid = self._grid(pixels)
+        detail = None
+        for i, layer in enumerate(self.layers):
             x = layer(x)
-        x = self.layernorm(x)
-        return x[:, 1:].reshape(x.shape[0], gh, gw, -1)
+            if i + 1 == self.config.detail_layer:
+                detail = self._patches(x, grid)
+        out = self._patches(self.layernorm(x), grid)
+        return out if detail is None else jnp.concatenate([out, detail], axis=-1)
 
     def neck(self, features):
-        x = features.astype(self.dtype)
+        cfg = self.config
+        if features.shape[-1] != cfg.feature_channels:
+            raise ValueError(f"backbone features have {features.shape[-1]} channels, this "
+                             f"encoder takes {cfg.feature_channels}")
+        x = features[..., :cfg.embed_dim].astype(self.dtype)
         for layer in self.neck_layers:
             x = layer(x)
-        return x.astype(jnp.float32)
+        x = x.astype(jnp.float32)
+        if not cfg.detail_layer:
+            return x
+        detail = self.detail(features[..., cfg.embed_dim:])
+        return jnp.concatenate([x, detail.reshape(x.shape[:3] + (-1,))], axis=-1)
 
     def __call__(self, pixels, deterministic: bool = True):
         del deterministic  # no stochastic layers: the backbone is used as pretrained

@@ -23,11 +23,12 @@ class ConvTranspose2x2(nn.Module):
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    zero_init: bool = False  # a branch added to a trained model, which must start at no change
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (2, 2, x.shape[-1], self.features), jnp.float32)
+        init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, (2, 2, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = jnp.einsum("...i,acio->...aco", x.astype(self.dtype), kernel.astype(self.dtype),
                        preferred_element_type=jnp.float32)
@@ -89,17 +90,21 @@ class MaskDecoder(nn.Module):
                                        self.iou_head_depth, dtype=dt)
 
     def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                 dense_prompt_embeddings, multimask_output: bool, token_mask=None):
+                 dense_prompt_embeddings, multimask_output: bool, token_mask=None,
+                 upscaled_detail=None):
         """image_embeddings (B or 1, h, w, C); image_pe (h, w, C); sparse (B, T, C);
-        dense (B or 1, h, w, C); token_mask (B, T) or None -> masks (B, M, 4h, 4w), iou (B, M)
-        with M = 3 if multimask_output else 1."""
+        dense (B or 1, h, w, C); token_mask (B, T) or None; upscaled_detail (B or 1, h, w, 2,
+        2, 2, 2, C/8) or None, added to the upscaled features (an encoder's detail branch; the
+        official decoder has none) -> masks (B, M, 4h, 4w), iou (B, M) with M = 3 if
+        multimask_output else 1."""
         masks, iou_pred = self.predict_masks(image_embeddings, image_pe,
                                              sparse_prompt_embeddings, dense_prompt_embeddings,
-                                             token_mask)
+                                             token_mask, upscaled_detail)
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
 
-    def predict_masks(self, image_embeddings, image_pe, sparse, dense, token_mask=None):
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense, token_mask=None,
+                      upscaled_detail=None):
         b = sparse.shape[0]
         out_tokens = jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
         out_tokens = jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape)
@@ -119,6 +124,8 @@ class MaskDecoder(nn.Module):
         up0, ln, up1 = self.output_upscaling
         x = src.reshape(b, h, w, c)
         x = gelu(up1(gelu(ln(up0(x)))))  # (B, h, w, 2, 2, 2, 2, C/8) sub-pixel layout
+        if upscaled_detail is not None:
+            x = x + upscaled_detail.astype(x.dtype)
         hyper_in = jnp.stack([mlp(mask_tokens_out[:, i, :])
                               for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
         # Mask index last: the large feature map is read in its own layout (contracting its

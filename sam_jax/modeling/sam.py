@@ -56,6 +56,24 @@ class Sam(nn.Module):
         """Cached backbone features -> image embeddings (the neck only)."""
         return self.image_encoder.neck(features)
 
+    def detail_features(self, images):
+        """The detail block's features alone (DINOv2 encoders with `detail_layer`): what a
+        frozen-backbone cache adds for the detail branch."""
+        return self.image_encoder.detail_features(images)
+
+    def _split_embeddings(self, image_embeddings):
+        """An embedding -> SAM's part (out_chans) and the detail branch's upscaled features in
+        the decoder's sub-pixel layout (None without a branch)."""
+        c = self.config.image_encoder.out_chans
+        if image_embeddings.shape[-1] != self.config.embedding_channels:
+            raise ValueError(f"image embeddings have {image_embeddings.shape[-1]} channels, "
+                             f"this model takes {self.config.embedding_channels}")
+        if image_embeddings.shape[-1] == c:
+            return image_embeddings, None
+        detail = image_embeddings[..., c:].reshape(image_embeddings.shape[:3]
+                                                   + (2, 2, 2, 2, c // 8))
+        return image_embeddings[..., :c], detail
+
     def encode_prompts(self, points=None, boxes=None, masks=None):
         """Official prompt-encoder semantics (see PromptEncoder.__call__)."""
         return self.prompt_encoder(points, boxes, masks)
@@ -73,19 +91,23 @@ class Sam(nn.Module):
         return self.prompt_encoder.get_dense_pe()
 
     def decode(self, image_embeddings, sparse, dense, multimask_output: bool, token_mask=None):
-        return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
-                                 dense, multimask_output, token_mask)
+        embeddings, detail = self._split_embeddings(image_embeddings)
+        return self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse,
+                                 dense, multimask_output, token_mask, detail)
 
     def decode_all(self, image_embeddings, sparse, dense, token_mask=None):
         """All 1 + num_multimask_outputs masks and IoU predictions, unsliced (training picks
         the single-mask or the multimask outputs per prompt)."""
-        return self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.get_dense_pe(),
-                                               sparse, dense, token_mask)
+        embeddings, detail = self._split_embeddings(image_embeddings)
+        return self.mask_decoder.predict_masks(embeddings, self.prompt_encoder.get_dense_pe(),
+                                               sparse, dense, token_mask, detail)
 
     def refiner_features(self, images, image_embeddings=None):
         """(B, S, S, 3) normalized, padded images [and their embeddings, for a refiner that
         reads them] -> the mask refiner's image features (B, S/2, S/2, width), computed once
         per image like the embedding."""
+        if image_embeddings is not None:
+            image_embeddings = self._split_embeddings(image_embeddings)[0]
         return self.mask_refiner.image_features(images, image_embeddings)
 
     def refine_masks(self, refiner_features, low_res):
