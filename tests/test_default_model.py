@@ -14,11 +14,14 @@ from PIL import Image
 import sam_jax
 from sam_jax import cli
 from sam_jax.configs import MaskRefinerConfig
+from sam_jax.evaluation.clicks import farthest_from_boundary, mask_iou, next_click
 from sam_jax.training.evaluate import evaluate_clicks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUCK = os.path.join(REPO, "assets", "truck.jpg")
 DAVIS = os.path.join(REPO, "tests", "data", "davis_mini")
+# a held-out Clothing Co-Parsing photo and its whole-person mask (tests/data/README.md)
+PERSON = os.path.join(REPO, "tests", "data", "ccp_person", "0441")
 # the truck's body and one of its wheels in assets/truck.jpg (1800 x 1200), by hand
 TRUCK_BOX = (75, 275, 1725, 850)
 WHEEL_BOX = (425, 600, 700, 875)
@@ -98,8 +101,11 @@ def test_box_gives_what_the_box_holds(truck_predictor, box, min_inside, min_cove
 def test_negative_click_changes_the_mask(truck_predictor):
     # a click on the truck, then a negative click on its rear wheel. The mask changes by more
     # than 5% of its area (the old mini model: 3%) and loses part of the wheel, but this model
-    # does not yet take the whole wheel out as SAM does (README, "The bundled model").
-    # Measured (518 px head): changed 7%, wheel box covered 0.70 -> 0.55
+    # does not take the whole wheel out as SAM does (README, "The bundled model").
+    # Measured: phase 11 head (shipped) changed 6.0%, wheel box covered 0.70 -> 0.64; phase 10
+    # head 7.2%, 0.70 -> 0.55. Phase 11 trained the single output on whole objects only, which
+    # ended the collapse of whole people after a negative click beside them (the test below)
+    # and costs what a negative click on a part removes (README: parts' corrective clicks).
     point = np.array([[1000, 500]], np.float32)
     masks, scores, logits = truck_predictor.predict(point_coords=point,
                                                     point_labels=np.array([1]))
@@ -113,8 +119,33 @@ def test_negative_click_changes_the_mask(truck_predictor):
         mask_input=logits[int(np.argmax(scores))][None], multimask_output=False)
     changed = (first != masks2[0]).sum() / first.sum()
     after = masks2[0][y0:y1, x0:x1].mean()
-    assert changed > 0.05 and after < before - 0.1, (changed, before, after)
+    assert changed > 0.05 and after < before - 0.05, (changed, before, after)
     assert not masks2[0][wheel[1], wheel[0]]  # the negative click's own pixel is out
+
+
+def test_negative_click_beside_a_person_keeps_the_person(model):
+    # The evaluation's click protocol on a held-out Clothing Co-Parsing photo (never trained
+    # on): the first click at the person's interior-most pixel, the second at the larger error
+    # region's, which here is background the mask spilled onto beside the outline, so it is a
+    # negative click. The phase 10 head collapsed the person to a part after it (IoU 0.945 ->
+    # 0.594); the shipped phase 11 head (its single-output token trained on whole objects)
+    # keeps the person: 0.945 -> 0.911.
+    image = np.asarray(Image.open(f"{PERSON}.jpg").convert("RGB"))
+    gt = np.asarray(Image.open(f"{PERSON}.png")) > 127
+    predictor = sam_jax.SamPredictor(model)
+    predictor.set_image(image)
+    xy, _ = farthest_from_boundary(gt)
+    masks, scores, logits = predictor.predict(point_coords=np.array([xy], np.float32),
+                                              point_labels=np.array([1]))
+    best = int(np.argmax(scores))
+    first = mask_iou(masks[best], gt)
+    click, label = next_click(masks[best], gt)
+    assert label == 0 and not gt[click[1], click[0]], (click, label)
+    masks2, _, _ = predictor.predict(point_coords=np.array([xy, click], np.float32),
+                                     point_labels=np.array([1, 0]),
+                                     mask_input=logits[best][None], multimask_output=False)
+    second = mask_iou(masks2[0], gt)
+    assert first > 0.9 and second > 0.85, (first, second)
 
 
 def test_segment_without_checkpoint_uses_bundled_model(tmp_path, capsys):
