@@ -85,7 +85,8 @@ def test_bundled_model_segments_davis_frames(model):
     assert result["miou_1"] > 0.75 and result["miou_3"] > 0.75
 
 
-# Measured (inside, cover): truck box (1.00, 0.62), wheel box (0.93, 0.52) (the 448 px head:
+# Measured (inside, cover): truck box (1.00, 0.63), wheel box (0.93, 0.57) (phase 10 head:
+# (1.00, 0.62), (0.93, 0.52); the 448 px head:
 # (1.00, 0.60), (0.86, 0.51)). The wheel's mask
 # spills onto the wheel arch (phase 3's head: 0.85 inside; phase 2's kept 0.93 but scored lower
 # on held-out box prompts overall: DAVIS 0.724 vs 0.759 on 24 images per set).
