@@ -166,6 +166,37 @@ def make_view(image, masks, view: int, rng: np.random.Generator, donor=None, siz
     return canvas, np.array(img.shape[:2], np.int32), full
 
 
+def paste_copy(canvas, masks, obj_image, obj_mask, rng, tries: int = 8):
+    """Pastes a second instance (cropped to its box, flipped with probability 1/2, scaled to
+    0.7-1.2 x its size in the view) where it covers the least of the view's first mask (the
+    best of `tries` random places): a look-alike beside the object, the case where a click
+    alone cannot say which instance is meant and a negative click must remove the other.
+    Earlier masks lose what it covers; the copy gets its own mask."""
+    ys, xs = np.nonzero(obj_mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    obj, m = obj_image[y0:y1, x0:x1], obj_mask[y0:y1, x0:x1]
+    if rng.random() < 0.5:
+        obj, m = obj[:, ::-1], m[:, ::-1]
+    scale = rng.uniform(0.7, 1.2)
+    h = min(max(1, int(obj.shape[0] * scale)), canvas.shape[0])
+    w = min(max(1, int(obj.shape[1] * scale)), canvas.shape[1])
+    obj = _resize(np.ascontiguousarray(obj), h, w)
+    m = _resize(np.ascontiguousarray(m).astype(np.uint8) * 255, h, w) >= 128
+    best = None
+    for _ in range(tries):
+        top = int(rng.integers(0, canvas.shape[0] - h + 1))
+        left = int(rng.integers(0, canvas.shape[1] - w + 1))
+        covered = int((masks[0][top:top + h, left:left + w] & m).sum())
+        if best is None or covered < best[0]:
+            best = (covered, top, left)
+    _, top, left = best
+    region = canvas[top:top + h, left:left + w]
+    region[m] = obj[m]
+    pasted = np.zeros(canvas.shape[:2], bool)
+    pasted[top:top + h, left:left + w] = m
+    return canvas, [mk & ~pasted for mk in masks] + [pasted]
+
+
 def low_res(mask: np.ndarray, side: int) -> np.ndarray:
     """(S, S) bool over the padded frame -> (side, side) bool: a cell is in the mask when at
     least half of its area is (box filter)."""
@@ -182,7 +213,6 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
     """Every training photo's 2 views, in a fixed order, each fully determined by its seed.
     At another input size than 448 the same objects are kept (the minimum mask area scales
     with the frame)."""
-    min_px = MIN_MASK_PX * (size / 448) ** 2
     whole_objects = [(i, it) for i, it in enumerate(items)]
     for index, item in enumerate(items):
         image, masks, _ = load_example(item)
@@ -194,21 +224,72 @@ def training_views(items: list[dict], size: int, side: int) -> Iterator[dict]:
                 d_image, d_masks, d_whole = load_example(whole_objects[j][1])
                 donor = (d_image, d_masks[int(np.flatnonzero(d_whole)[0])])
             canvas, input_size, full = make_view(image, masks, view, rng, donor, size)
-            kept = [m for m in full if m.sum() >= min_px][:MAX_MASKS]
-            out_masks = np.zeros((MAX_MASKS, side, side), bool)
-            full_masks = np.zeros((MAX_MASKS, size, size), bool)
-            boxes = np.zeros((MAX_MASKS, 4), np.float32)
-            valid = np.zeros((MAX_MASKS,), bool)
-            for k, m in enumerate(kept):
-                lr = low_res(m, side)
-                if not lr.any():
-                    continue
-                out_masks[k], boxes[k], valid[k] = lr, box_of(m), True
-                full_masks[k] = m
-            # full_masks: the same slots at the input resolution (the mask refiner's targets)
-            yield dict(image=canvas, input_size=input_size, masks=out_masks, boxes=boxes,
-                       mask_valid=valid, full_masks=full_masks,
-                       name=f"{item['dataset']}/{item['name']}#{view}")
+            yield view_record(canvas, input_size, full, size, side,
+                              f"{item['dataset']}/{item['name']}#{view}")
+
+
+def view_record(canvas, input_size, full, size: int, side: int, name: str) -> dict:
+    """A view as the cache stores it: up to MAX_MASKS masks of at least MIN_MASK_PX (scaled
+    with the frame) on the low-res grid, their boxes and validity, and the full-size masks."""
+    min_px = MIN_MASK_PX * (size / 448) ** 2
+    kept = [m for m in full if m.sum() >= min_px][:MAX_MASKS]
+    out_masks = np.zeros((MAX_MASKS, side, side), bool)
+    full_masks = np.zeros((MAX_MASKS, size, size), bool)
+    boxes = np.zeros((MAX_MASKS, 4), np.float32)
+    valid = np.zeros((MAX_MASKS,), bool)
+    for k, m in enumerate(kept):
+        lr = low_res(m, side)
+        if not lr.any():
+            continue
+        out_masks[k], boxes[k], valid[k] = lr, box_of(m), True
+        full_masks[k] = m
+    # full_masks: the same slots at the input resolution (the mask refiner's targets)
+    return dict(image=canvas, input_size=input_size, masks=out_masks, boxes=boxes,
+                mask_valid=valid, full_masks=full_masks, name=name)
+
+
+def distractor_views(items: list[dict], count: int, size: int, side: int) -> Iterator[dict]:
+    """`count` views of photos drawn from `items` (seed 7), each with a look-alike of its whole
+    object pasted beside it (`paste_copy`): a copy of the object itself (probability 1/2) or
+    the whole object of another photo of the same dataset (another horse, person, DAVIS
+    object). The view is the photo fitted to the frame, flipped with probability 1/2; the
+    object's own mask comes first, so the copy avoids it."""
+    rng = np.random.default_rng(7)
+    by_dataset: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_dataset.setdefault(it["dataset"], []).append(i)
+    for n, index in enumerate(rng.choice(len(items), count, replace=count > len(items))):
+        item = items[int(index)]
+        view_rng = np.random.default_rng([int(index), n, 7])
+        image, masks, whole = load_example(item)
+        order = np.concatenate([np.flatnonzero(whole), np.flatnonzero(~whole)])
+        masks = masks[order]
+        if view_rng.random() < 0.5:
+            donor_image, donor_mask = image, masks[0]
+        else:
+            other = items[int(view_rng.choice(by_dataset[item["dataset"]]))]
+            d_image, d_masks, d_whole = load_example(other)
+            donor_image, donor_mask = d_image, d_masks[int(np.flatnonzero(d_whole)[0])]
+        canvas, input_size, full = make_view(image, masks, 0, view_rng, None, size)
+        # the donor at the view's scale, so "0.7-1.2 x its size" means beside an equal
+        scale = size / max(image.shape[:2])
+        dh = max(1, int(donor_image.shape[0] * scale + 0.5))
+        dw = max(1, int(donor_image.shape[1] * scale + 0.5))
+        donor_image = _resize(np.ascontiguousarray(donor_image), dh, dw)
+        donor_mask = _resize(donor_mask.astype(np.uint8) * 255, dh, dw) >= 128
+        if not donor_mask.any():
+            continue
+        h, w = input_size
+        region, ms = paste_copy(canvas[:h, :w].copy(), [f[:h, :w] for f in full], donor_image,
+                                donor_mask, view_rng)
+        canvas[:h, :w] = region
+        full = []
+        for m in ms:
+            f = np.zeros((size, size), bool)
+            f[:h, :w] = m
+            full.append(f)
+        yield view_record(canvas, input_size, full, size, side,
+                          f"{item['dataset']}/{item['name']}#d{n}")
 
 
 def with_image_size(cfg, image_size: int):
@@ -239,6 +320,10 @@ def main(argv=None) -> int:
                         help="the backbone's input size (default: the dinov2_s preset's, 448; "
                              "518 is DINOv2's own 37x37 grid); train_default_model.py reads it "
                              "from the cache's split.json")
+    parser.add_argument("--distractors", type=int, default=0, metavar="N",
+                        help="write N look-alike views instead (distractor_views; of training "
+                             "photos outside the validation photos), for "
+                             "train_default_model.py --extra-cache")
     args = parser.parse_args(argv)
 
     import jax
@@ -261,7 +346,7 @@ def main(argv=None) -> int:
     train = [train[i] for i in np.random.default_rng(0).permutation(len(train))][:args.limit]
     with open(os.path.join(args.out, "split.json"), "w") as f:
         json.dump({"heldout": [it for it in items if it["heldout"]], "train": train,
-                   "image_size": size}, f, indent=1)
+                   "image_size": size, "distractors": args.distractors}, f, indent=1)
     counts = {}
     for it in items:
         key = (it["dataset"], "heldout" if it["heldout"] else "train")
@@ -271,7 +356,14 @@ def main(argv=None) -> int:
     params = {"image_encoder": import_dinov2_backbone(cfg, args.onnx)}
     features = jax.jit(lambda p, x: Sam(cfg).apply({"params": p}, x,
                                                    method="backbone_features"))
-    total = 2 * len(train)
+    if args.distractors:
+        # the validation photos stay out: settings are chosen on them
+        outside = [it for it, held in zip(train, validation_photos(len(train))) if not held]
+        views = distractor_views(outside, args.distractors, size, side)
+        total = args.distractors
+    else:
+        views = training_views(train, size, side)
+        total = VIEWS_PER_PHOTO * len(train)
     shard_views = []
     shard_index = 0
     bar = tqdm(total=total, desc="caching views", unit="view")
@@ -297,7 +389,7 @@ def main(argv=None) -> int:
         shard_index += 1
 
     # shards already written are skipped whole; their views are still generated (cheap)
-    for view in training_views(train, size, side):
+    for view in views:
         shard_views.append(view)
         if len(shard_views) == SHARD:
             flush()

@@ -30,8 +30,13 @@ import numpy as np
 class FeatureCache:
     """All cached views in memory: features float16, masks bit-packed."""
 
-    def __init__(self, directory: str, pseudo: str | None = None, detail: str | None = None):
+    def __init__(self, directory: str, pseudo: str | None = None, detail: str | None = None,
+                 extra: tuple[str, ...] = ()):
         self.directory = directory
+        # complete caches of training-only views (default_model_data.py --distractors), kept
+        # after the main cache's views so that those keep their indices (validation_views)
+        self.extra = tuple(extra)
+        self.main_views = 0
         self.pseudo = pseudo  # data_engine_pseudo_labels.py's output: extra masks per view
         self.detail = detail  # detail_cache.py's output: the detail block's features per view
         self.pseudo_masks = 0
@@ -43,8 +48,12 @@ class FeatureCache:
         self.pool: np.ndarray | None = None  # the views batches draw from (None: all)
 
     def rescan(self) -> int:
-        new = [p for p in sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
-               if p not in self.loaded]
+        main = sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
+        if self.extra and not self.loaded:
+            for directory in self.extra:
+                if not glob.glob(os.path.join(directory, "train_*.npz")):
+                    raise SystemExit(f"--extra-cache {directory}: no train_*.npz")
+        new = [p for p in main if p not in self.loaded]
         if self.detail:  # a shard waits for its detail file (detail_cache.py may be running)
             from detail_cache import detail_path
             ready = [os.path.exists(detail_path(self.detail, p)) for p in new]
@@ -64,8 +73,34 @@ class FeatureCache:
             self.parts["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
             self.loaded.append(path)
         if new:
-            self.arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
+            self.main_views = sum(len(v) for v in self.parts["input_size"])
+            extra = self._extra_parts() if self.extra else {k: [] for k in self.parts}
+            self.arrays = {k: np.concatenate(v + extra[k]) for k, v in self.parts.items()}
         return len(new)
+
+    def _extra_parts(self) -> dict[str, list[np.ndarray]]:
+        """The extra caches' shards (read once; they must not be written any more)."""
+        if not hasattr(self, "_extra"):
+            self._extra = {k: [] for k in self.parts}
+            for directory in self.extra:
+                for path in sorted(glob.glob(os.path.join(directory, "train_*.npz"))):
+                    with np.load(path) as shard:
+                        for key in self.parts:
+                            if key != "area":
+                                self._extra[key].append(shard[key])
+                        bits = np.unpackbits(shard["masks"], axis=-1)
+                        self._extra["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
+        return self._extra
+
+    def training_pool(self, hold_out_validation: bool) -> np.ndarray | None:
+        """The views batches draw from: every view, or without the main cache's validation
+        views (the extra caches hold none)."""
+        if not hold_out_validation:
+            return None
+        from default_model_data import validation_views
+
+        main = np.flatnonzero(~validation_views(self.main_views))
+        return np.concatenate([main, np.arange(self.main_views, len(self))])
 
     def _merge_detail(self, path: str, data: dict) -> None:
         """Appends the shard's detail features to its cached features (the layout
@@ -254,6 +289,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pseudo", default=None, metavar="DIR",
                         help="also train on the pseudo-labels data_engine_pseudo_labels.py "
                              "wrote here (the data engine's automatic stage)")
+    parser.add_argument("--extra-cache", action="append", default=[], metavar="DIR",
+                        help="also train on this complete cache's views (repeatable; e.g. "
+                             "default_model_data.py --distractors): never validation views, "
+                             "drawn with the main cache's training views")
     parser.add_argument("--detail-cache", default=None, metavar="DIR",
                         help="train a head with a detail branch (Dinov2EncoderConfig."
                              "detail_layer) on detail_cache.py's features of the cache's views")
@@ -292,7 +331,14 @@ def main(argv=None) -> int:
 
     # the input size the feature cache was written at (default_model_data.py --image-size)
     cfg = with_image_size(configs.dinov2_s(), cache_image_size(args.cache))
-    cache = FeatureCache(args.cache, args.pseudo, args.detail_cache)
+    size = cache_image_size(args.cache)
+    for directory in args.extra_cache:
+        if args.detail_cache or args.pseudo:
+            raise SystemExit("--extra-cache: not with --detail-cache or --pseudo")
+        if cache_image_size(directory) != size:
+            raise SystemExit(f"--extra-cache {directory}: written at "
+                             f"{cache_image_size(directory)} px, the cache at {size} px")
+    cache = FeatureCache(args.cache, args.pseudo, args.detail_cache, tuple(args.extra_cache))
     if args.detail_cache:
         cfg = cfg.replace(image_encoder=dataclasses.replace(cfg.image_encoder,
                                                             detail_layer=cache.detail_layer()))
@@ -335,16 +381,15 @@ def main(argv=None) -> int:
                       quantized=not args.float32_backbone,
                       thresholds_json=args.generator_thresholds)
 
-    from default_model_data import validation_views
-
     def set_pool():
-        if args.hold_out_validation:
-            cache.pool = np.flatnonzero(~validation_views(len(cache)))
+        cache.pool = cache.training_pool(args.hold_out_validation)
 
     cache.rescan()
     set_pool()
     print(f"{len(cache)} cached views" + (f", {cache.pseudo_masks} pseudo-labelled masks"
-                                          if args.pseudo else ""))
+                                          if args.pseudo else "")
+          + (f", {len(cache) - cache.main_views} of them from --extra-cache"
+             if args.extra_cache else ""))
     log = open(os.path.join(args.workdir, "metrics.jsonl"), "a")
     start = int(state["step"])
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")

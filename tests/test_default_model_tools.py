@@ -124,14 +124,120 @@ def test_held_out_validation_views_are_never_drawn(tmp_path):
     assert val.sum() == 4 and (val[0::2] == val[1::2]).all()  # both views of a photo
     cache = FeatureCache(str(tmp_path))
     cache.rescan()
-    cache.pool = np.flatnonzero(~val)
+    cache.pool = cache.training_pool(hold_out_validation=True)
     drawn = {int(cache.batch(step, 8, 1, seed=0)["features"][i, 0, 0, 0])
              for step in range(60) for i in range(8)}
     assert drawn == set(np.flatnonzero(~val).tolist())
-    cache.pool = None  # the default: every view
+    cache.pool = cache.training_pool(hold_out_validation=False)  # every view
+    assert cache.pool is None
     everything = {int(cache.batch(step, 8, 1, seed=0)["features"][i, 0, 0, 0])
                   for step in range(60) for i in range(8)}
     assert everything == set(range(n))
+
+
+def _indexed_shard(path, first, n):
+    """A shard of n one-mask views whose features hold their number, first..first+n-1."""
+    masks = np.zeros((n, 1, 16, 16), bool)
+    masks[:, 0, :4, :4] = True
+    np.savez(path, features=(np.arange(first, first + n, dtype=np.float16).reshape(n, 1, 1, 1)
+                             * np.ones((1, 2, 2, 3), np.float16)),
+             masks=np.packbits(masks, axis=-1), boxes=np.ones((n, 1, 4), np.float32),
+             mask_valid=np.ones((n, 1), bool), input_size=np.full((n, 2), 448, np.int32),
+             names=np.array([f"v{i}" for i in range(first, first + n)]))
+
+
+def test_extra_cache_views_come_after_the_main_ones_and_are_never_held_out(tmp_path):
+    from default_model_data import validation_views
+
+    main, extra = tmp_path / "main", tmp_path / "extra"
+    main.mkdir()
+    extra.mkdir()
+    _indexed_shard(main / "train_0000.npz", 0, 40)
+    _indexed_shard(extra / "train_0000.npz", 100, 6)
+    cache = FeatureCache(str(main), extra=(str(extra),))
+    cache.rescan()
+    assert cache.main_views == 40 and len(cache) == 46
+    np.testing.assert_array_equal(cache.arrays["features"][:, 0, 0, 0],
+                                  list(range(40)) + list(range(100, 106)))
+    # a main shard written later goes before the extra views: main indices never move
+    _indexed_shard(main / "train_0001.npz", 40, 4)
+    assert cache.rescan() == 1
+    assert cache.main_views == 44 and len(cache) == 50
+    np.testing.assert_array_equal(cache.arrays["features"][:, 0, 0, 0],
+                                  list(range(44)) + list(range(100, 106)))
+    cache.pool = cache.training_pool(hold_out_validation=True)
+    drawn = {int(cache.batch(step, 8, 1, seed=0)["features"][i, 0, 0, 0])
+             for step in range(80) for i in range(8)}
+    held = set(np.flatnonzero(validation_views(44)).tolist())
+    assert held and not held & drawn
+    assert drawn == (set(range(44)) - held) | set(range(100, 106))
+    with pytest.raises(SystemExit, match="no train_"):
+        FeatureCache(str(main), extra=(str(tmp_path / "missing"),)).rescan()
+
+
+def _photo_item(tmp_path, name, color, box, dataset="horse"):
+    """A 60x80 photo on disk with one whole object, a filled rectangle of one colour."""
+    from PIL import Image
+
+    image = np.full((60, 80, 3), 30, np.uint8)
+    label = np.zeros((60, 80), np.uint8)
+    r0, c0, r1, c1 = box
+    image[r0:r1, c0:c1] = color
+    label[r0:r1, c0:c1] = 255
+    Image.fromarray(image).save(tmp_path / f"{name}.png")
+    Image.fromarray(label).save(tmp_path / f"{name}_mask.png")
+    return dict(dataset=dataset, group=dataset, name=name, heldout=False,
+                image=str(tmp_path / f"{name}.png"), mask=str(tmp_path / f"{name}_mask.png"))
+
+
+def test_paste_copy_puts_a_look_alike_beside_the_object():
+    from default_model_data import paste_copy
+
+    canvas = np.full((64, 64, 3), 30, np.uint8)
+    own = np.zeros((64, 64), bool)
+    own[20:40, 4:20] = True
+    canvas[own] = 200
+    obj = np.full((20, 16, 3), 200, np.uint8)
+    obj_mask = np.ones((20, 16), bool)
+    out, masks = paste_copy(canvas.copy(), [own], obj, obj_mask, np.random.default_rng(0))
+    assert len(masks) == 2
+    copy = masks[1]
+    # the copy's pixels are the object's; the object's mask loses what the copy covers
+    assert (out[copy] == 200).all() and not (masks[0] & copy).any()
+    np.testing.assert_array_equal(masks[0], own & ~copy)
+    # 0.7-1.2 x the object's size (rounding aside), and as far off the object as 8 tries find
+    assert 0.45 * obj_mask.sum() <= copy.sum() <= 1.5 * obj_mask.sum()
+    assert (own & copy).sum() < 0.5 * own.sum()
+
+
+def test_distractor_views_pair_each_object_with_a_look_alike(tmp_path):
+    from default_model_data import distractor_views, low_res
+
+    items = [_photo_item(tmp_path, "a", (200, 40, 40), (10, 5, 40, 30)),
+             _photo_item(tmp_path, "b", (40, 200, 40), (20, 40, 50, 70)),
+             _photo_item(tmp_path, "c", (40, 40, 200), (5, 5, 25, 25), dataset="davis")]
+    views = list(distractor_views(items, 6, 112, 32))
+    again = list(distractor_views(items, 6, 112, 32))
+    assert len(views) == 6
+    for v, w in zip(views, again):  # a fixed draw
+        np.testing.assert_array_equal(v["image"], w["image"])
+        np.testing.assert_array_equal(v["full_masks"], w["full_masks"])
+    for v in views:
+        h, w = v["input_size"]
+        assert (h, w) == (84, 112)  # the photo fitted to the frame, the rest padding
+        assert not v["image"][h:].any()
+        valid = v["full_masks"][v["mask_valid"]]
+        assert len(valid) == 2  # the object, then its look-alike
+        own, copy = valid
+        assert not (own & copy).any()
+        assert own.sum() > 0 and copy.sum() > 0
+        # the copy is an object of the same dataset: its colour is one of theirs
+        colours = {"davis": {(40, 40, 200)}, "horse": {(200, 40, 40), (40, 200, 40)}}
+        dataset = v["name"].split("/")[0]
+        median = tuple(int(x) for x in np.median(v["image"][copy], axis=0))  # edges blend
+        assert median in colours[dataset], (v["name"], median)
+        for k in range(2):
+            np.testing.assert_array_equal(v["masks"][k], low_res(v["full_masks"][k], 32))
 
 
 def test_pseudo_labels_may_not_overwrite_annotations(tmp_path):
