@@ -9,7 +9,6 @@ checkpoint path, or untrained) are in `sam_jax/__init__.py`, next to `load`, whi
 here they would close an import circle (`checkpoints` imports this module).
 """
 
-import functools
 from typing import Any, Dict, Union
 
 import jax
@@ -36,16 +35,9 @@ def _init_args(config: SamConfig):
             jnp.ones((1, 2), jnp.int32), jnp.zeros((1, m, m, 1), jnp.float32))
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_init(config: SamConfig):
-    """One jitted init per config (configs are frozen, hashable): a second model of the same
-    config in this process is not traced and compiled again."""
-    return jax.jit(lambda r: Sam(config).init(r, *_init_args(config)))
-
-
 def init_variables(config: SamConfig, rng: jax.Array) -> Variables:
     """Randomly initialized variables (for training from scratch and tests)."""
-    return _jitted_init(config)(rng)
+    return jax.jit(lambda r: Sam(config).init(r, *_init_args(config)))(rng)
 
 
 def abstract_variables(config: SamConfig) -> Variables:
