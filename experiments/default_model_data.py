@@ -119,25 +119,50 @@ def _resize(image: np.ndarray, h: int, w: int, nearest: bool = False) -> np.ndar
         (w, h), Image.NEAREST if nearest else Image.BILINEAR))
 
 
-def _paste(canvas, masks, donor_image, donor_mask, rng, size):
-    """Pastes the donor object (cropped to its box, scaled to 30-80% of the view's side) at a
-    random place; earlier masks lose what it covers."""
-    ys, xs = np.nonzero(donor_mask)
+def _crop_to_box(image, mask):
+    """The object's pixels and mask, cropped to its bounding box."""
+    ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    obj, m = donor_image[y0:y1, x0:x1], donor_mask[y0:y1, x0:x1]
-    limit = min(canvas.shape[:2])
-    scale = rng.uniform(0.3, 0.8) * limit / max(obj.shape[:2])
-    h, w = max(1, int(obj.shape[0] * scale)), max(1, int(obj.shape[1] * scale))
-    h, w = min(h, canvas.shape[0]), min(w, canvas.shape[1])
-    obj = _resize(obj, h, w)
-    m = _resize(m.astype(np.uint8) * 255, h, w) >= 128
-    top = rng.integers(0, canvas.shape[0] - h + 1)
-    left = rng.integers(0, canvas.shape[1] - w + 1)
+    return image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+
+
+def _scaled(obj, m, scale, canvas):
+    """The cropped object and its mask resized by `scale`, at most the canvas's size."""
+    h = min(max(1, int(obj.shape[0] * scale)), canvas.shape[0])
+    w = min(max(1, int(obj.shape[1] * scale)), canvas.shape[1])
+    return (_resize(np.ascontiguousarray(obj), h, w),
+            _resize(np.ascontiguousarray(m).astype(np.uint8) * 255, h, w) >= 128)
+
+
+def _place(canvas, masks, obj, m, top, left):
+    """Draws the object at (top, left); earlier masks lose what it covers, it gets its own."""
+    h, w = m.shape
     region = canvas[top:top + h, left:left + w]
     region[m] = obj[m]
     pasted = np.zeros(canvas.shape[:2], bool)
     pasted[top:top + h, left:left + w] = m
     return canvas, [mk & ~pasted for mk in masks] + [pasted]
+
+
+def _paste(canvas, masks, donor_image, donor_mask, rng, size):
+    """Pastes the donor object (cropped to its box, scaled to 30-80% of the view's side) at a
+    random place; earlier masks lose what it covers."""
+    obj, m = _crop_to_box(donor_image, donor_mask)
+    scale = rng.uniform(0.3, 0.8) * min(canvas.shape[:2]) / max(obj.shape[:2])
+    obj, m = _scaled(obj, m, scale, canvas)
+    top = rng.integers(0, canvas.shape[0] - m.shape[0] + 1)
+    left = rng.integers(0, canvas.shape[1] - m.shape[1] + 1)
+    return _place(canvas, masks, obj, m, top, left)
+
+
+def _pad_masks(masks, size: int) -> list:
+    """Masks over the view's image -> (size, size) masks over the padded frame."""
+    full = []
+    for m in masks:
+        f = np.zeros((size, size), bool)
+        f[:m.shape[0], :m.shape[1]] = m
+        full.append(f)
+    return full
 
 
 def make_view(image, masks, view: int, rng: np.random.Generator, donor=None, size: int = 448):
@@ -158,12 +183,7 @@ def make_view(image, masks, view: int, rng: np.random.Generator, donor=None, siz
         img, ms = _paste(img, ms, donor[0], donor[1], rng, size)
     canvas = np.zeros((size, size, 3), np.uint8)
     canvas[:img.shape[0], :img.shape[1]] = img
-    full = []
-    for m in ms:
-        f = np.zeros((size, size), bool)
-        f[:m.shape[0], :m.shape[1]] = m
-        full.append(f)
-    return canvas, np.array(img.shape[:2], np.int32), full
+    return canvas, np.array(img.shape[:2], np.int32), _pad_masks(ms, size)
 
 
 def paste_copy(canvas, masks, obj_image, obj_mask, rng, tries: int = 8):
@@ -172,16 +192,11 @@ def paste_copy(canvas, masks, obj_image, obj_mask, rng, tries: int = 8):
     best of `tries` random places): a look-alike beside the object, the case where a click
     alone cannot say which instance is meant and a negative click must remove the other.
     Earlier masks lose what it covers; the copy gets its own mask."""
-    ys, xs = np.nonzero(obj_mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    obj, m = obj_image[y0:y1, x0:x1], obj_mask[y0:y1, x0:x1]
+    obj, m = _crop_to_box(obj_image, obj_mask)
     if rng.random() < 0.5:
         obj, m = obj[:, ::-1], m[:, ::-1]
-    scale = rng.uniform(0.7, 1.2)
-    h = min(max(1, int(obj.shape[0] * scale)), canvas.shape[0])
-    w = min(max(1, int(obj.shape[1] * scale)), canvas.shape[1])
-    obj = _resize(np.ascontiguousarray(obj), h, w)
-    m = _resize(np.ascontiguousarray(m).astype(np.uint8) * 255, h, w) >= 128
+    obj, m = _scaled(obj, m, rng.uniform(0.7, 1.2), canvas)
+    h, w = m.shape
     best = None
     for _ in range(tries):
         top = int(rng.integers(0, canvas.shape[0] - h + 1))
@@ -189,12 +204,7 @@ def paste_copy(canvas, masks, obj_image, obj_mask, rng, tries: int = 8):
         covered = int((masks[0][top:top + h, left:left + w] & m).sum())
         if best is None or covered < best[0]:
             best = (covered, top, left)
-    _, top, left = best
-    region = canvas[top:top + h, left:left + w]
-    region[m] = obj[m]
-    pasted = np.zeros(canvas.shape[:2], bool)
-    pasted[top:top + h, left:left + w] = m
-    return canvas, [mk & ~pasted for mk in masks] + [pasted]
+    return _place(canvas, masks, obj, m, best[1], best[2])
 
 
 def low_res(mask: np.ndarray, side: int) -> np.ndarray:
@@ -283,12 +293,7 @@ def distractor_views(items: list[dict], count: int, size: int, side: int) -> Ite
         region, ms = paste_copy(canvas[:h, :w].copy(), [f[:h, :w] for f in full], donor_image,
                                 donor_mask, view_rng)
         canvas[:h, :w] = region
-        full = []
-        for m in ms:
-            f = np.zeros((size, size), bool)
-            f[:h, :w] = m
-            full.append(f)
-        yield view_record(canvas, input_size, full, size, side,
+        yield view_record(canvas, input_size, _pad_masks(ms, size), size, side,
                           f"{item['dataset']}/{item['name']}#d{n}")
 
 

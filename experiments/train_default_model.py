@@ -37,6 +37,7 @@ class FeatureCache:
         # after the main cache's views so that those keep their indices (validation_views)
         self.extra = tuple(extra)
         self.main_views = 0
+        self._extra: dict[str, list[np.ndarray]] | None = None
         self.pseudo = pseudo  # data_engine_pseudo_labels.py's output: extra masks per view
         self.detail = detail  # detail_cache.py's output: the detail block's features per view
         self.pseudo_masks = 0
@@ -48,12 +49,8 @@ class FeatureCache:
         self.pool: np.ndarray | None = None  # the views batches draw from (None: all)
 
     def rescan(self) -> int:
-        main = sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
-        if self.extra and not self.loaded:
-            for directory in self.extra:
-                if not glob.glob(os.path.join(directory, "train_*.npz")):
-                    raise SystemExit(f"--extra-cache {directory}: no train_*.npz")
-        new = [p for p in main if p not in self.loaded]
+        new = [p for p in sorted(glob.glob(os.path.join(self.directory, "train_*.npz")))
+               if p not in self.loaded]
         if self.detail:  # a shard waits for its detail file (detail_cache.py may be running)
             from detail_cache import detail_path
             ready = [os.path.exists(detail_path(self.detail, p)) for p in new]
@@ -65,12 +62,7 @@ class FeatureCache:
                 self._merge_detail(path, data)
             if self.pseudo:
                 self._merge_pseudo(path, data)
-            for key in self.parts:
-                if key != "area":
-                    self.parts[key].append(data[key])
-            # low-res pixels per mask, for area-biased drawing
-            bits = np.unpackbits(data["masks"], axis=-1)
-            self.parts["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
+            self._append(self.parts, data)
             self.loaded.append(path)
         if new:
             self.main_views = sum(len(v) for v in self.parts["input_size"])
@@ -78,18 +70,26 @@ class FeatureCache:
             self.arrays = {k: np.concatenate(v + extra[k]) for k, v in self.parts.items()}
         return len(new)
 
+    @staticmethod
+    def _append(parts: dict[str, list[np.ndarray]], data: dict) -> None:
+        for key in parts:
+            if key != "area":
+                parts[key].append(data[key])
+        # low-res pixels per mask, for area-biased drawing
+        bits = np.unpackbits(data["masks"], axis=-1)
+        parts["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
+
     def _extra_parts(self) -> dict[str, list[np.ndarray]]:
         """The extra caches' shards (read once; they must not be written any more)."""
-        if not hasattr(self, "_extra"):
+        if self._extra is None:
             self._extra = {k: [] for k in self.parts}
             for directory in self.extra:
-                for path in sorted(glob.glob(os.path.join(directory, "train_*.npz"))):
+                paths = sorted(glob.glob(os.path.join(directory, "train_*.npz")))
+                if not paths:
+                    raise SystemExit(f"--extra-cache {directory}: no train_*.npz")
+                for path in paths:
                     with np.load(path) as shard:
-                        for key in self.parts:
-                            if key != "area":
-                                self._extra[key].append(shard[key])
-                        bits = np.unpackbits(shard["masks"], axis=-1)
-                        self._extra["area"].append(bits.sum(axis=(-2, -1)).astype(np.float64))
+                        self._append(self._extra, {k: shard[k] for k in shard})
         return self._extra
 
     def training_pool(self, hold_out_validation: bool) -> np.ndarray | None:
@@ -330,8 +330,8 @@ def main(argv=None) -> int:
     from default_model_data import cache_image_size, with_image_size
 
     # the input size the feature cache was written at (default_model_data.py --image-size)
-    cfg = with_image_size(configs.dinov2_s(), cache_image_size(args.cache))
     size = cache_image_size(args.cache)
+    cfg = with_image_size(configs.dinov2_s(), size)
     for directory in args.extra_cache:
         if args.detail_cache or args.pseudo:
             raise SystemExit("--extra-cache: not with --detail-cache or --pseudo")
