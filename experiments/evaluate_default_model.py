@@ -16,6 +16,8 @@ prompt, the object's tight ground-truth box, single output.
 
 `--image-size NAME=PX` runs a model at another input size with the same weights (the
 input-size sweep: `experiments/results/default_model_input_size_validation.txt`).
+`--split look-alikes` scores views of the validation photos with a look-alike pasted beside the
+object, which negative clicks must remove (`experiments/results/default_model_look_alikes.txt`).
 
 Baseline ("dinov2-cosine", 1 click only): the frozen DINOv2-S patch features; cosine similarity
 of every patch to the clicked patch, upsampled bilinearly to the image, thresholded, and the
@@ -203,10 +205,38 @@ def with_input_size(model, image_size: int):
     return dataclasses.replace(model, config=with_image_size(model.config, image_size))
 
 
+def look_alike_sets(cache: str, count: int) -> dict[str, list]:
+    """`count` look-alike views of the validation photos (`default_model_data.distractor_views`
+    at `cache`'s input size: the object with a copy of itself or another object of its dataset
+    pasted beside it), in the `heldout_sets` layout, each scored on the object alone (clothing
+    photos as the whole person). Negative clicks must remove the look-alike: the held-out
+    failure on DAVIS car-roundabout's second car."""
+    from default_model_data import cache_image_size, distractor_views, validation_photos
+    from default_model_data import with_image_size
+    from sam_jax import configs
+
+    with open(os.path.join(cache, "split.json")) as f:
+        train = json.load(f)["train"]
+    photos = [it for it, held in zip(train, validation_photos(len(train))) if held]
+    cfg = with_image_size(configs.dinov2_s(), cache_image_size(cache))
+    sets: dict[str, list] = {"davis": [], "horse": [], "person": []}
+    for view in distractor_views(photos, count, cfg.image_size, cfg.low_res_size):
+        dataset = view["name"].split("/")[0]
+        h, w = view["input_size"]
+        item = {"dataset": dataset, "name": view["name"]}
+        sets["person" if dataset == "clothing" else dataset].append(
+            (item, view["image"][:h, :w], view["full_masks"][:1, :h, :w]))
+    return sets
+
+
 def split_sets(data: str, split: str, cache: str, limit: int | None = None,
-               parts_photos: int = 25, davis_stride: int = 3) -> dict[str, list]:
-    """The evaluation sets of `split`: "held-out", or "validation" (the validation photos of
-    the training split that `cache`'s split.json orders, every DAVIS frame among them)."""
+               parts_photos: int = 25, davis_stride: int = 3,
+               look_alikes: int = 120) -> dict[str, list]:
+    """The evaluation sets of `split`: "held-out", "validation" (the validation photos of
+    the training split that `cache`'s split.json orders, every DAVIS frame among them), or
+    "look-alikes" (`look_alike_sets` of those photos)."""
+    if split == "look-alikes":
+        return look_alike_sets(cache, look_alikes)
     if split == "validation":
         return heldout_sets(data, limit, parts_photos, 1, heldout=False,
                             only=validation_names(cache))
@@ -353,9 +383,14 @@ def main(argv=None) -> int:
                         help="every n-th frame of the held-out DAVIS sequences")
     parser.add_argument("--parts-photos", type=int, default=25,
                         help="held-out clothing photos whose parts are scored")
-    parser.add_argument("--split", default="held-out", choices=("held-out", "validation"),
+    parser.add_argument("--split", default="held-out",
+                        choices=("held-out", "validation", "look-alikes"),
                         help="validation: the validation photos (a fixed 10%% of the training "
-                             "photos, every DAVIS frame among them), where settings are chosen")
+                             "photos, every DAVIS frame among them), where settings are chosen; "
+                             "look-alikes: views of them with a look-alike pasted beside the "
+                             "object, which negative clicks must remove (--look-alikes views)")
+    parser.add_argument("--look-alikes", type=int, default=120, metavar="N",
+                        help="--split look-alikes: how many views (default 120)")
     parser.add_argument("--cache", default="runs/default/cache",
                         help="--split validation: the feature cache whose split.json orders "
                              "the training photos")
@@ -369,7 +404,7 @@ def main(argv=None) -> int:
 
     sam_jax.keep_freed_host_memory()
     sets = split_sets(args.data, args.split, args.cache, args.limit, args.parts_photos,
-                      args.davis_stride)
+                      args.davis_stride, args.look_alikes)
     print({k: len(v) for k, v in sets.items()}, f"{args.split} images per set")
     drawn = {}
     for set_name, items in sets.items():

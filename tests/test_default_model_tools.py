@@ -416,6 +416,37 @@ def test_validation_names_follow_the_cache_order(tmp_path):
                                                for i in chosen}
 
 
+def test_look_alike_sets_score_the_object_of_validation_photos_alone(tmp_path):
+    """`evaluate_default_model.py --split look-alikes`: views of the validation photos only,
+    each with its look-alike pasted beside the object; the target is the object's mask alone."""
+    from default_model_data import validation_photos
+    from evaluate_default_model import look_alike_sets
+
+    train = [_photo_item(tmp_path, f"p{i:02d}", (60 + 9 * i, 200 - 7 * i, 40 + 5 * i),
+                         (10, 5 + i, 40, 30 + i), dataset="davis" if i % 2 else "horse")
+             for i in range(20)]
+    (tmp_path / "split.json").write_text(json.dumps({"train": train, "heldout": [],
+                                                     "image_size": 112}))
+    chosen = {train[i]["name"]: train[i] for i in np.flatnonzero(validation_photos(20))}
+    # one validation photo per dataset (photos 1 and 10), so every look-alike is a copy
+    assert sorted(p["dataset"] for p in chosen.values()) == ["davis", "horse"]
+    sets = look_alike_sets(str(tmp_path), 6)
+    assert set(sets) == {"davis", "horse", "person"} and not sets["person"]
+    assert sum(len(v) for v in sets.values()) == 6
+    for set_name, views in sets.items():
+        for item, image, masks in views:
+            photo = chosen[item["name"].split("/")[1].split("#")[0]]
+            assert item["dataset"] == photo["dataset"] == set_name
+            assert image.shape == (84, 112, 3)  # the view's image without its padding
+            assert masks.shape == (1, 84, 112) and masks[0].any()
+            # the object's colour fills its mask, and its copy (0.7-1.2x, edges blended) the
+            # same colour outside it
+            colour = np.median(image[masks[0]], axis=0)
+            same = np.abs(image.astype(int) - colour).sum(-1) < 6
+            assert same[masks[0]].mean() > 0.8  # resized: the rim blends
+            assert 0.3 < (same & ~masks[0]).sum() / masks[0].sum() < 1.6, item["name"]
+
+
 def test_generator_thresholds_rule():
     """The lowest predicted-IoU threshold at which 80% of the kept candidates are good (true IoU
     >= 0.80), then the highest stability threshold keeping 90% of the good ones above it."""
