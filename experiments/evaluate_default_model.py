@@ -28,6 +28,7 @@ connected component holding the click. The threshold is chosen on training photo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -159,7 +160,7 @@ def tune_threshold(root: str, count: int) -> tuple[float, dict]:
     return max(means, key=means.get), means
 
 
-def evaluate_model(name, path, sets, drawn, image_size=None):
+def evaluate_model(name, path, sets, drawn, image_size=None, clicked_components=False):
     import sam_jax
     from sam_jax.predictor import SamPredictor
     from sam_jax.training.evaluate import click_ious
@@ -168,6 +169,9 @@ def evaluate_model(name, path, sets, drawn, image_size=None):
     model = sam_jax.load(path)
     if image_size is not None:
         model = with_input_size(model, image_size)
+    if clicked_components:
+        model = dataclasses.replace(model,
+                                    config=model.config.replace(keep_clicked_components=True))
     predictor = SamPredictor(model)
     out = {}
     t0 = time.time()
@@ -196,8 +200,6 @@ def with_input_size(model, image_size: int):
     """The same weights run at another input size (a DINOv2 encoder only: its position table
     is resized to any grid, and the neck, decoder and refiner are convolutional or
     size-agnostic), e.g. 518 px, DINOv2's own 37x37 pretraining grid."""
-    import dataclasses
-
     from default_model_data import with_image_size
 
     if getattr(model.config.image_encoder, "kind", None) != "dinov2":
@@ -389,6 +391,10 @@ def main(argv=None) -> int:
                              "photos, every DAVIS frame among them), where settings are chosen; "
                              "look-alikes: views of them with a look-alike pasted beside the "
                              "object, which negative clicks must remove (--look-alikes views)")
+    parser.add_argument("--keep-clicked-components", action="append", default=[],
+                        metavar="NAME",
+                        help="run the model NAME with SamConfig.keep_clicked_components: its "
+                             "masks keep only their parts connected to a positive click")
     parser.add_argument("--look-alikes", type=int, default=120, metavar="N",
                         help="--split look-alikes: how many views (default 120)")
     parser.add_argument("--cache", default="runs/default/cache",
@@ -413,6 +419,9 @@ def main(argv=None) -> int:
     results: dict = {}
     models = args.model or ["default"]
     sizes = {}
+    unknown = set(args.keep_clicked_components) - {m.partition("=")[0] for m in models}
+    if unknown:
+        raise SystemExit(f"--keep-clicked-components {sorted(unknown)}: not a --model NAME")
     for spec in args.image_size:
         name, _, px = spec.partition("=")
         if name not in {m.partition("=")[0] for m in models} or not px.isdigit():
@@ -421,8 +430,11 @@ def main(argv=None) -> int:
     for spec in models:
         name, _, path = spec.partition("=")
         path = None if path in ("", "default") else path
-        results[name] = evaluate_model(name, path, sets, drawn, sizes.get(name))
+        results[name] = evaluate_model(name, path, sets, drawn, sizes.get(name),
+                                       name in args.keep_clicked_components)
         results[name]["_path"] = path
+        if name in args.keep_clicked_components:
+            results[name]["_keep_clicked_components"] = True
         if name in sizes:
             results[name]["_image_size"] = sizes[name]
         print(table({name: results[name]}, args.split))

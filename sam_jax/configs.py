@@ -159,6 +159,9 @@ class SamConfig:
     decode_group_size: Optional[int] = None
     # A learned refiner of the masks shown to users (None: the official model's masks).
     mask_refiner: Optional[MaskRefinerConfig] = None
+    # Shown masks keep only their 8-connected components that hold a positive click
+    # (`sam_jax.utils.clicked_components`; False: the official model's masks).
+    keep_clicked_components: bool = False
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:

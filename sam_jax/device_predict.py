@@ -50,6 +50,7 @@ from .build_sam import Variables
 from .configs import SamConfig
 from .inference import MIN_TOKENS, PromptBatch, _bucket
 from .modeling import PAD_LABEL
+from .utils.clicked_components import keep_clicked_components
 
 Size = Tuple[int, int]
 
@@ -142,6 +143,10 @@ def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: Pro
                                  "refiner (SamConfig.mask_refiner is None)")
             shown = inference.refine_low_res(variables, refiner_features, low_res,
                                              prompts.image_index, config=config)
+        if config.keep_clicked_components:
+            shown = keep_clicked_components(shown, prompts.coords, prompts.labels,
+                                            image_size=config.image_size,
+                                            threshold=config.mask_threshold)
         masks = inference.postprocess_masks(
             shown, input_size=tuple(input_size), original_size=tuple(original_size),
             image_size=config.image_size,

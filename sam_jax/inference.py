@@ -28,6 +28,7 @@ from . import backend
 from .build_sam import Variables
 from .configs import SamConfig, preset_name
 from .modeling import PAD_LABEL, Sam
+from .utils.clicked_components import keep_clicked_components
 from .utils.transforms import from_torch, normalize_padded, resize_and_pad
 
 MIN_TOKENS = 2  # a single point (+ its not-a-point pad) or a box: the common prompts
@@ -501,6 +502,9 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
     if detail is not None:
         shown = refine_low_res(model.variables, detail, low_res, batch.image_index,
                                config=config)
+    if config.keep_clicked_components:
+        shown = keep_clicked_components(shown, batch.coords, batch.labels,
+                                        image_size=size, threshold=config.mask_threshold)
     outputs, index = [], np.asarray(index)
     for i in range(len(batched_input)):
         rows = np.flatnonzero(index == i)
