@@ -55,11 +55,12 @@ def test_bundled_model_loads_and_is_small(model):
     assert os.path.isdir(sam_jax.DEFAULT_CHECKPOINT)
     assert _size_mb(sam_jax.DEFAULT_CHECKPOINT) < 45
     # the dinov2_s architecture with the learned mask refiner on top, run at 518 px (DINOv2's
-    # own 37x37 grid; the preset's 448 px is what the head was first trained at)
+    # own 37x37 grid; the preset's 448 px is what the head was first trained at); its masks
+    # keep only the parts connected to a positive click
     preset = sam_jax.get_config("dinov2_s")
     assert model.config == preset.replace(
         image_encoder=dataclasses.replace(preset.image_encoder, img_size=518),
-        mask_refiner=MaskRefinerConfig())
+        mask_refiner=MaskRefinerConfig(), keep_clicked_components=True)
     assert (model.config.image_embedding_size, model.config.low_res_size) == (37, 148)
     # a DINOv2 encoder's input size does not change its weights: still the dinov2_s preset
     # (SAM's ViT stores a position table per grid: another size is another model)
