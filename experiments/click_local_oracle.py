@@ -1,0 +1,152 @@
+"""How much could corrective clicks gain if the model fixed the mask around each click?
+
+A diagnosis for the bundled model's flat click curve (issue 10: DAVIS 0.825 -> 0.856 from 1 to
+3 clicks, then nothing). The evaluation protocol (`sam_jax.training.evaluate.click_ious`) is
+run unchanged, except that after every prediction the pixels within R of each corrective click
+placed so far are set to the truth (a "click-local oracle"), and the next click is taken from
+that corrected mask. R is given in model-frame pixels (DINOv2's patch is 14), scaled to each
+image. The gap between R = 0 (the model as it is) and R = 14 / 28 bounds what a refiner that
+reads the clicks at full resolution could add: a click-local fix only.
+
+Also reported: the share of the remaining error after the last click that lies within 7
+model-frame pixels of the true outline (boundary error, which a click cannot reach far from
+itself).
+
+    python experiments/click_local_oracle.py --split validation --radius 0 --radius 14 \
+        --radius 28 --cache runs/default/cache518
+
+Choices are made on the validation photos; the held-out photos are never used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CLICKS = 5
+WHOLE_SETS = ("davis", "horse", "person")  # the whole-object sets issue 10's targets name
+BOUNDARY_PX = 7  # model-frame pixels: half a DINOv2 patch
+
+
+def disk(shape, xy, radius: float) -> np.ndarray:
+    """(H, W) bool: pixels within `radius` of `xy` (x, y)."""
+    ys, xs = np.ogrid[:shape[0], :shape[1]]
+    return (xs - xy[0]) ** 2 + (ys - xy[1]) ** 2 <= radius ** 2
+
+
+def near_outline(gt: np.ndarray, px: float) -> np.ndarray:
+    """(H, W) bool: pixels within `px` of the mask's outline (inside or outside)."""
+    from scipy import ndimage
+
+    inside = ndimage.distance_transform_edt(gt)
+    outside = ndimage.distance_transform_edt(~gt)
+    return np.where(gt, inside, outside) <= px
+
+
+def local_oracle_ious(predictor, gt: np.ndarray, radius: float, clicks: int) -> dict:
+    """`click_ious` with the pixels within `radius` (original pixels) of each corrective click
+    set to the truth after each prediction."""
+    from sam_jax.evaluation.clicks import farthest_from_boundary, mask_iou, next_click
+
+    points, labels, ious = [], [], []
+    fixed = np.zeros_like(gt)
+    xy, _ = farthest_from_boundary(gt)
+    click, logits, pred = (xy, 1), None, None
+    for k in range(clicks):
+        points.append(click[0])
+        labels.append(click[1])
+        if k > 0 and radius > 0:
+            fixed |= disk(gt.shape, click[0], radius)
+        masks, scores, low_res = predictor.predict(
+            point_coords=np.asarray(points, np.float32), point_labels=np.asarray(labels),
+            mask_input=None if logits is None else logits[None], multimask_output=(k == 0))
+        best = int(np.argmax(scores))
+        pred = np.where(fixed, gt, masks[best])
+        ious.append(mask_iou(pred, gt))
+        logits = low_res[best]
+        click = next_click(pred, gt)
+    return {"ious": ious, "last": pred}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--split", default="validation", choices=["validation"],
+                        help="validation photos only: this diagnosis must not see held-out data")
+    parser.add_argument("--cache", default="runs/default/cache518",
+                        help="a feature cache's folder (its split.json names the validation "
+                             "photos)")
+    parser.add_argument("--radius", type=float, action="append", default=[],
+                        help="model-frame pixels (repeatable; 0 = the model as it is)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled one)")
+    parser.add_argument("--out", default="experiments/results/click_local_oracle")
+    args = parser.parse_args(argv)
+    radii = args.radius or [0.0, 14.0, 28.0]
+
+    from tqdm import tqdm
+
+    import sam_jax
+    from evaluate_default_model import split_sets
+    from sam_jax.predictor import SamPredictor
+
+    sets = split_sets(args.data, args.split, args.cache)
+    model = sam_jax.load(args.model)
+    predictor = SamPredictor(model)
+    size = model.config.image_size
+    results = {r: {} for r in radii}
+    pooled = {r: [] for r in radii}
+    boundary_share = {}
+    for set_name, items in sets.items():
+        rows = {r: [] for r in radii}
+        near, total = 0, 0
+        for item, image, masks in tqdm(items, desc=set_name, unit="image"):
+            predictor.set_image(image)
+            scale = max(image.shape[:2]) / size  # original pixels per model-frame pixel
+            for gt in masks:
+                if not gt.any():
+                    continue
+                for r in radii:
+                    out = local_oracle_ious(predictor, gt, r * scale, CLICKS)
+                    rows[r].append(out["ious"])
+                    if r == 0:
+                        error = out["last"] != gt
+                        near += int((error & near_outline(gt, BOUNDARY_PX * scale)).sum())
+                        total += int(error.sum())
+        for r in radii:
+            results[r][set_name] = np.asarray(rows[r]).mean(axis=0).tolist()
+            if set_name in WHOLE_SETS:
+                pooled[r] += rows[r]
+        boundary_share[set_name] = near / max(total, 1)
+
+    for r in radii:
+        results[r]["whole objects"] = np.asarray(pooled[r]).mean(axis=0).tolist()
+    lines = [f"click-local oracle on the {args.split} photos ({model.config.image_size} px): "
+             f"mIoU at 1..{CLICKS} clicks; R in model-frame pixels",
+             "| set | R | " + " | ".join(str(k) for k in range(1, CLICKS + 1)) + " |",
+             "|---|---|" + "---|" * CLICKS]
+    for set_name in list(sets) + ["whole objects"]:
+        for r in radii:
+            vals = " | ".join(f"{v:.3f}" for v in results[r][set_name])
+            lines.append(f"| {set_name} | {r:g} | {vals} |")
+    lines.append("share of the error after the last click within "
+                 f"{BOUNDARY_PX} px of the true outline (R = 0): "
+                 + ", ".join(f"{s} {v:.2f}" for s, v in boundary_share.items()))
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out + ".txt", "w") as f:
+        f.write(text + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump({"radii": radii, "mious": {str(r): v for r, v in results.items()},
+                   "boundary_share": boundary_share,
+                   "images": {s: len(v) for s, v in sets.items()}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
