@@ -541,3 +541,44 @@ def test_negative_click_rules_choose_between_single_and_multimask_outputs():
     # stable collapsed logits: kept; logits within +-0.05 of 0 are unstable: replaced
     assert run_rule(fake_predict(5.0), gt, "stability")[0][1] == pytest.approx(16 / 144)
     assert run_rule(fake_predict(0.01), gt, "stability")[0][1] == 1.0
+
+
+class _FixedMaskPredictor:
+    """A predictor that returns the same mask whatever the clicks (3 copies for multimask),
+    so only the click-local oracle can change the IoU."""
+
+    def __init__(self, mask):
+        self.mask = mask
+        self.calls = []
+
+    def predict(self, point_coords, point_labels, mask_input=None, multimask_output=True):
+        self.calls.append((np.array(point_coords), np.array(point_labels)))
+        n = 3 if multimask_output else 1
+        return (np.repeat(self.mask[None], n, 0), np.linspace(0.9, 0.5, n),
+                np.zeros((n, 8, 8), np.float32))
+
+
+def test_click_local_oracle_fixes_only_around_corrective_clicks():
+    from click_local_oracle import local_oracle_ious
+    from sam_jax.evaluation.clicks import mask_iou
+    from sam_jax.training.evaluate import click_ious
+
+    gt = np.zeros((60, 60), bool)
+    gt[10:50, 10:50] = True
+    pred = gt.copy()
+    pred[10:50, 10:24] = False  # a 14-px strip missed on the left
+    # R = 0 is the protocol itself
+    plain = click_ious(_FixedMaskPredictor(pred), gt, 3)["ious"]
+    assert local_oracle_ious(_FixedMaskPredictor(pred), gt, 0, 3)["ious"] == plain
+    assert plain == pytest.approx([mask_iou(pred, gt)] * 3)
+    # the second click lands in the strip's middle (a positive click); a radius of 5 fixes a
+    # disk of 81 of its pixels there; the first click (the object's centre) fixes nothing
+    fake = _FixedMaskPredictor(pred)
+    out = local_oracle_ious(fake, gt, 5, 3)
+    assert out["ious"][0] == plain[0]
+    assert fake.calls[1][1].tolist() == [1, 1]
+    assert 15 <= fake.calls[1][0][1][0] <= 18
+    assert out["ious"][1] == pytest.approx((1040 + 81) / 1600)
+    assert out["ious"][2] > out["ious"][1]
+    # a radius covering the image makes the mask exact from the second click on
+    assert local_oracle_ious(_FixedMaskPredictor(pred), gt, 100, 3)["ious"][1:] == [1.0, 1.0]
