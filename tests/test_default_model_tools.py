@@ -582,3 +582,30 @@ def test_click_local_oracle_fixes_only_around_corrective_clicks():
     assert out["ious"][2] > out["ious"][1]
     # a radius covering the image makes the mask exact from the second click on
     assert local_oracle_ious(_FixedMaskPredictor(pred), gt, 100, 3)["ious"][1:] == [1.0, 1.0]
+
+
+def test_flip_averaging_mirrors_clicks_onto_the_same_pixels(tiny_sam):
+    """On a left-right symmetric image, clicks at x and at W-1-x see mirror images of one
+    scene: the averaged masks must be exact mirrors of each other (a click mirrored to the
+    wrong pixel breaks it), and each chain is fed its own low-res logits back."""
+    from flip_averaging import FlipAveragedPredictor
+
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    image = np.concatenate([half, half[:, ::-1]], axis=1)  # 48x80, symmetric
+    predictor = FlipAveragedPredictor(tiny_sam)
+    predictor.set_image(image)
+    left = np.array([[13.0, 20.0]], np.float32)
+    right = np.array([[80 - 1 - 13.0, 20.0]], np.float32)
+    masks_l, iou_l, low_l = predictor.predict(left, np.array([1]))
+    masks_r, iou_r, low_r = predictor.predict(right, np.array([1]))
+    assert masks_l.shape == (3, 48, 80) and low_l.shape[:2] == (3, 2)
+    np.testing.assert_allclose(iou_l, iou_r, atol=1e-5)
+    assert (masks_l != masks_r[..., ::-1]).mean() < 1e-3
+    assert not np.array_equal(masks_l, masks_r)  # the clicks do matter
+    # a later click with each chain's logits fed back
+    follow_l = predictor.predict(np.concatenate([left, [[30.0, 30.0]]]), np.array([1, 0]),
+                                 mask_input=low_l[:1], multimask_output=False)
+    follow_r = predictor.predict(np.concatenate([right, [[49.0, 30.0]]]), np.array([1, 0]),
+                                 mask_input=low_r[:1], multimask_output=False)
+    assert (follow_l[0] != follow_r[0][..., ::-1]).mean() < 1e-3

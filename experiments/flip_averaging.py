@@ -1,0 +1,117 @@
+"""Does averaging the model's masks over the image and its mirror image sharpen the outline?
+
+A test-time augmentation for the bundled model's first-mask outline, which the click-local
+oracle (`click_local_oracle.py`) found to be what limits it at 3 clicks. Each image is run twice,
+as it is and mirrored left-right (its own embedding, the clicks mirrored), each as its own
+click chain (each chain feeds its own low-res logits back); the masks shown are the mean of the
+two chains' refined logits (the mirrored one mirrored back) above the model's threshold, and the
+first click picks the output with the highest mean predicted IoU. It costs twice the embedding
+and decode. Scored with the evaluation protocol (`sam_jax.training.evaluate.click_ious`) on the
+validation photos' whole objects only; the held-out photos are never used here.
+
+    python experiments/flip_averaging.py --cache runs/default/cache518
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CLICKS = 5
+WHOLE_SETS = ("davis", "horse", "person")
+
+
+class FlipAveragedPredictor:
+    """`SamPredictor.predict`'s interface over two predictors, one on the mirrored image. The
+    low-res logits it returns stack both chains' (C, 2, L, L), so a caller feeding them back as
+    `mask_input` feeds each chain its own."""
+
+    def __init__(self, model):
+        from sam_jax.predictor import SamPredictor
+
+        self.plain = SamPredictor(model)
+        self.mirrored = SamPredictor(model)
+        self.threshold = model.config.mask_threshold
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.width = image.shape[1]
+        self.plain.set_image(image)
+        self.mirrored.set_image(np.ascontiguousarray(image[:, ::-1]))
+
+    def predict(self, point_coords, point_labels, mask_input=None, multimask_output=True):
+        mirrored_coords = np.asarray(point_coords, np.float32).copy()
+        # pixel centres: x + 0.5 -> W - (x + 0.5), so pixel x -> W - 1 - x
+        mirrored_coords[:, 0] = self.width - 1 - mirrored_coords[:, 0]
+        inputs = (None, None) if mask_input is None else (mask_input[:, 0], mask_input[:, 1])
+        logits_a, iou_a, low_a = self.plain.predict(point_coords, point_labels,
+                                                    mask_input=inputs[0],
+                                                    multimask_output=multimask_output,
+                                                    return_logits=True)
+        logits_b, iou_b, low_b = self.mirrored.predict(mirrored_coords, point_labels,
+                                                       mask_input=inputs[1],
+                                                       multimask_output=multimask_output,
+                                                       return_logits=True)
+        logits = (logits_a + logits_b[..., ::-1]) / 2
+        return (logits > self.threshold, (iou_a + iou_b) / 2,
+                np.stack([low_a, low_b], axis=1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--cache", default="runs/default/cache518",
+                        help="a feature cache's folder (its split.json names the validation "
+                             "photos)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled one)")
+    parser.add_argument("--out", default="experiments/results/flip_averaging_validation")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    import sam_jax
+    from evaluate_default_model import split_sets
+    from sam_jax.training.evaluate import click_ious
+
+    sets = {k: v for k, v in split_sets(args.data, "validation", args.cache).items()
+            if k in WHOLE_SETS}
+    model = sam_jax.load(args.model)
+    predictor = FlipAveragedPredictor(model)
+    results, pooled = {}, []
+    for set_name, items in sets.items():
+        rows, oracle = [], []
+        for item, image, masks in tqdm(items, desc=set_name, unit="image"):
+            predictor.set_image(image)
+            for gt in masks:
+                if gt.any():
+                    r = click_ious(predictor, gt, CLICKS)
+                    rows.append(r["ious"])
+                    oracle.append(r["oracle_1"])
+        results[set_name] = {"mious": np.mean(rows, axis=0).tolist(),
+                             "oracle_1": float(np.mean(oracle)), "masks": len(rows)}
+        pooled += rows
+    results["whole objects"] = {"mious": np.mean(pooled, axis=0).tolist(), "masks": len(pooled)}
+    lines = [f"mirror-averaged masks on the validation photos' whole objects: mIoU at 1..{CLICKS}"
+             " clicks (oracle@1)",
+             "| set | masks | " + " | ".join(str(k) for k in range(1, CLICKS + 1)) + " | oracle |",
+             "|---|---|" + "---|" * (CLICKS + 1)]
+    for name, r in results.items():
+        vals = " | ".join(f"{v:.3f}" for v in r["mious"])
+        oracle = f"{r['oracle_1']:.3f}" if "oracle_1" in r else ""
+        lines.append(f"| {name} | {r['masks']} | {vals} | {oracle} |")
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out + ".txt", "w") as f:
+        f.write(text + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
