@@ -27,17 +27,40 @@ CLICKS = 5
 WHOLE_SETS = ("davis", "horse", "person")
 
 
-class FlipAveragedPredictor:
-    """`SamPredictor.predict`'s interface over two predictors, one on the mirrored image. The
-    low-res logits it returns stack both chains' (C, 2, L, L), so a caller feeding them back as
-    `mask_input` feeds each chain its own."""
+def mirror_low_res(low_res: np.ndarray, input_width: int, image_size: int) -> np.ndarray:
+    """(..., L, L) low-res logits over the padded model frame -> the same for the mirrored
+    image: the image spans [0, input_width) of the frame's `image_size` columns, and x maps to
+    input_width - x. Exact (a reversal of the columns) when the image fills the frame's width;
+    otherwise linear between cells, the padding columns clamped to the image's edge."""
+    side = low_res.shape[-1]
+    cell = image_size / side
+    # cell j's centre (j + 0.5) * cell mirrors to input_width - (j + 0.5) * cell
+    source = (input_width - (np.arange(side) + 0.5) * cell) / cell - 0.5
+    source = np.clip(source, 0, side - 1)
+    left = np.floor(source).astype(int)
+    right = np.minimum(left + 1, side - 1)
+    weight = (source - left).astype(np.float32)
+    return low_res[..., left] * (1 - weight) + low_res[..., right] * weight
 
-    def __init__(self, model):
+
+class FlipAveragedPredictor:
+    """`SamPredictor.predict`'s interface over two predictors, one on the mirrored image.
+
+    Two ways to feed the previous logits back: `shared_prompt=False` keeps two click chains,
+    and the low-res logits it returns stack both chains' (C, 2, L, L), so a caller feeding them
+    back as `mask_input` feeds each chain its own; `shared_prompt=True` returns one (C, L, L),
+    the mean of the plain chain's and the mirrored chain's mirrored back (`mirror_low_res`),
+    which both chains read (the mirrored one mirrored): what a predictor with one mask prompt
+    per mask, SAM's interface, could do."""
+
+    def __init__(self, model, shared_prompt: bool = False):
         from sam_jax.predictor import SamPredictor
 
         self.plain = SamPredictor(model)
         self.mirrored = SamPredictor(model)
         self.threshold = model.config.mask_threshold
+        self.image_size = model.config.image_size
+        self.shared_prompt = shared_prompt
 
     def set_image(self, image: np.ndarray) -> None:
         self.width = image.shape[1]
@@ -48,7 +71,12 @@ class FlipAveragedPredictor:
         mirrored_coords = np.asarray(point_coords, np.float32).copy()
         # pixel centres: x + 0.5 -> W - (x + 0.5), so pixel x -> W - 1 - x
         mirrored_coords[:, 0] = self.width - 1 - mirrored_coords[:, 0]
-        inputs = (None, None) if mask_input is None else (mask_input[:, 0], mask_input[:, 1])
+        if mask_input is None:
+            inputs = (None, None)
+        elif self.shared_prompt:
+            inputs = (mask_input, self._mirror(mask_input))
+        else:
+            inputs = (mask_input[:, 0], mask_input[:, 1])
         logits_a, iou_a, low_a = self.plain.predict(point_coords, point_labels,
                                                     mask_input=inputs[0],
                                                     multimask_output=multimask_output,
@@ -58,8 +86,14 @@ class FlipAveragedPredictor:
                                                        multimask_output=multimask_output,
                                                        return_logits=True)
         logits = (logits_a + logits_b[..., ::-1]) / 2
-        return (logits > self.threshold, (iou_a + iou_b) / 2,
-                np.stack([low_a, low_b], axis=1))
+        if self.shared_prompt:
+            low_res = (low_a + self._mirror(low_b)) / 2
+        else:
+            low_res = np.stack([low_a, low_b], axis=1)
+        return logits > self.threshold, (iou_a + iou_b) / 2, low_res
+
+    def _mirror(self, low_res: np.ndarray) -> np.ndarray:
+        return mirror_low_res(low_res, self.plain.input_size[1], self.image_size)
 
 
 def main(argv=None) -> int:
@@ -69,6 +103,8 @@ def main(argv=None) -> int:
                         help="a feature cache's folder (its split.json names the validation "
                              "photos)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled one)")
+    parser.add_argument("--shared-prompt", action="store_true",
+                        help="one mask prompt for both chains (FlipAveragedPredictor)")
     parser.add_argument("--out", default="experiments/results/flip_averaging_validation")
     args = parser.parse_args(argv)
 
@@ -81,7 +117,7 @@ def main(argv=None) -> int:
     sets = {k: v for k, v in split_sets(args.data, "validation", args.cache).items()
             if k in WHOLE_SETS}
     model = sam_jax.load(args.model)
-    predictor = FlipAveragedPredictor(model)
+    predictor = FlipAveragedPredictor(model, shared_prompt=args.shared_prompt)
     results, pooled = {}, []
     for set_name, items in sets.items():
         rows, oracle = [], []
@@ -96,8 +132,9 @@ def main(argv=None) -> int:
                              "oracle_1": float(np.mean(oracle)), "masks": len(rows)}
         pooled += rows
     results["whole objects"] = {"mious": np.mean(pooled, axis=0).tolist(), "masks": len(pooled)}
-    lines = [f"mirror-averaged masks on the validation photos' whole objects: mIoU at 1..{CLICKS}"
-             " clicks (oracle@1)",
+    chains = "one shared mask prompt" if args.shared_prompt else "two click chains"
+    lines = [f"mirror-averaged masks ({chains}) on the validation photos' whole objects: mIoU "
+             f"at 1..{CLICKS} clicks (oracle@1)",
              "| set | masks | " + " | ".join(str(k) for k in range(1, CLICKS + 1)) + " | oracle |",
              "|---|---|" + "---|" * (CLICKS + 1)]
     for name, r in results.items():

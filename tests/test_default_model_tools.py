@@ -609,3 +609,17 @@ def test_flip_averaging_mirrors_clicks_onto_the_same_pixels(tiny_sam):
     follow_r = predictor.predict(np.concatenate([right, [[49.0, 30.0]]]), np.array([1, 0]),
                                  mask_input=low_r[:1], multimask_output=False)
     assert (follow_l[0] != follow_r[0][..., ::-1]).mean() < 1e-3
+
+
+def test_mirror_low_res_maps_the_image_columns_onto_their_mirror():
+    from flip_averaging import mirror_low_res
+
+    x = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
+    # an image filling the frame's width: the columns reversed, exactly
+    np.testing.assert_array_equal(mirror_low_res(x, 64, 64), x[..., ::-1])
+    # an image 40 of 64 columns wide spans 10 cells: cell j's centre mirrors to 9 - j cells
+    ramp = np.tile(np.arange(16, dtype=np.float32), (16, 1))
+    mirrored = mirror_low_res(ramp, 40, 64)
+    np.testing.assert_allclose(mirrored[:, :10], np.tile(9.0 - np.arange(10), (16, 1)))
+    np.testing.assert_allclose(mirror_low_res(mirrored, 40, 64)[:, :9], ramp[:, :9])
+    assert (mirrored[:, 10:] == 0).all()  # padding columns: clamped to the image's edge cell
