@@ -21,7 +21,6 @@ Choices are made on the validation photos; the held-out photos are never used he
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -29,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CLICKS = 5
+from evaluate_default_model import CLICKS  # noqa: E402
+
 WHOLE_SETS = ("davis", "horse", "person")  # the whole-object sets issue 10's targets name
 BOUNDARY_PX = 7  # model-frame pixels: half a DINOv2 patch
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import sam_jax
-    from evaluate_default_model import split_sets
+    from evaluate_default_model import split_sets, write_results
     from sam_jax.predictor import SamPredictor
 
     sets = split_sets(args.data, args.split, args.cache)
@@ -139,12 +139,10 @@ def main(argv=None) -> int:
                  + ", ".join(f"{s} {v:.2f}" for s, v in boundary_share.items()))
     text = "\n".join(lines)
     print(text)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"radii": radii, "mious": {str(r): v for r, v in results.items()},
-                   "boundary_share": boundary_share,
-                   "images": {s: len(v) for s, v in sets.items()}}, f, indent=1)
+    write_results(args.out, text, {"radii": radii,
+                                   "mious": {str(r): v for r, v in results.items()},
+                                   "boundary_share": boundary_share,
+                                   "images": {s: len(v) for s, v in sets.items()}})
     return 0
 
 

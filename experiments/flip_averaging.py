@@ -15,7 +15,6 @@ validation photos' whole objects only; the held-out photos are never used here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CLICKS = 5
-WHOLE_SETS = ("davis", "horse", "person")
+from click_local_oracle import WHOLE_SETS  # noqa: E402
+from evaluate_default_model import CLICKS  # noqa: E402
 
 
 def mirror_low_res(low_res: np.ndarray, input_width: int, image_size: int) -> np.ndarray:
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import sam_jax
-    from evaluate_default_model import split_sets
+    from evaluate_default_model import split_sets, write_results
     from sam_jax.training.evaluate import click_ious
 
     sets = {k: v for k, v in split_sets(args.data, "validation", args.cache).items()
@@ -143,10 +142,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {r['masks']} | {vals} | {oracle} |")
     text = "\n".join(lines)
     print(text)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(args.out, text, results)
     return 0
 
 
