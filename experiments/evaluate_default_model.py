@@ -160,7 +160,9 @@ def tune_threshold(root: str, count: int) -> tuple[float, dict]:
     return max(means, key=means.get), means
 
 
-def evaluate_model(name, path, sets, drawn, image_size=None, clicked_components=False):
+def evaluate_model(name, path, sets, drawn, image_size=None, switches=()):
+    """`switches`: SamConfig's boolean fields to turn on for this run (e.g.
+    keep_clicked_components, mirror_average)."""
     import sam_jax
     from sam_jax.predictor import SamPredictor
     from sam_jax.training.evaluate import click_ious
@@ -169,9 +171,9 @@ def evaluate_model(name, path, sets, drawn, image_size=None, clicked_components=
     model = sam_jax.load(path)
     if image_size is not None:
         model = with_input_size(model, image_size)
-    if clicked_components:
-        model = dataclasses.replace(model,
-                                    config=model.config.replace(keep_clicked_components=True))
+    if switches:
+        model = dataclasses.replace(model, config=model.config.replace(
+            **{field: True for field in switches}))
     predictor = SamPredictor(model)
     out = {}
     t0 = time.time()
@@ -395,6 +397,9 @@ def main(argv=None) -> int:
                         metavar="NAME",
                         help="run the model NAME with SamConfig.keep_clicked_components: its "
                              "masks keep only their parts connected to a positive click")
+    parser.add_argument("--mirror-average", action="append", default=[], metavar="NAME",
+                        help="run the model NAME with SamConfig.mirror_average: its masks are "
+                             "the mean over the image and its mirror image")
     parser.add_argument("--look-alikes", type=int, default=120, metavar="N",
                         help="--split look-alikes: how many views (default 120)")
     parser.add_argument("--cache", default="runs/default/cache",
@@ -419,9 +424,13 @@ def main(argv=None) -> int:
     results: dict = {}
     models = args.model or ["default"]
     sizes = {}
-    unknown = set(args.keep_clicked_components) - {m.partition("=")[0] for m in models}
-    if unknown:
-        raise SystemExit(f"--keep-clicked-components {sorted(unknown)}: not a --model NAME")
+    switches = {"keep_clicked_components": args.keep_clicked_components,
+                "mirror_average": args.mirror_average}
+    for field, names in switches.items():
+        unknown = set(names) - {m.partition("=")[0] for m in models}
+        if unknown:
+            raise SystemExit(f"--{field.replace('_', '-')} {sorted(unknown)}: not a --model "
+                             "NAME")
     for spec in args.image_size:
         name, _, px = spec.partition("=")
         if name not in {m.partition("=")[0] for m in models} or not px.isdigit():
@@ -430,11 +439,11 @@ def main(argv=None) -> int:
     for spec in models:
         name, _, path = spec.partition("=")
         path = None if path in ("", "default") else path
-        results[name] = evaluate_model(name, path, sets, drawn, sizes.get(name),
-                                       name in args.keep_clicked_components)
+        on = tuple(field for field, names in switches.items() if name in names)
+        results[name] = evaluate_model(name, path, sets, drawn, sizes.get(name), on)
         results[name]["_path"] = path
-        if name in args.keep_clicked_components:
-            results[name]["_keep_clicked_components"] = True
+        for field in on:
+            results[name][f"_{field}"] = True
         if name in sizes:
             results[name]["_image_size"] = sizes[name]
         print(table({name: results[name]}, args.split))

@@ -234,7 +234,7 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
         if crop_n_layers < 0:
             raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(inference.single_view(model))
         self.points_per_batch = int(points_per_batch)
         thresholds = resolve_thresholds(model, pred_iou_thresh=pred_iou_thresh,
                                         stability_score_thresh=stability_score_thresh,

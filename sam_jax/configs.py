@@ -162,6 +162,10 @@ class SamConfig:
     # Shown masks keep only their 8-connected components that hold a positive click
     # (`sam_jax.utils.clicked_components`; False: the official model's masks).
     keep_clicked_components: bool = False
+    # Prompted masks are the mean of the model's on the image and on its mirror image (the
+    # prompts mirrored, the result mirrored back): twice the embedding and decoding for a
+    # steadier outline (`sam_jax.utils.mirror`; False: the official model's masks).
+    mirror_average: bool = False
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:

@@ -48,9 +48,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as Spec
 from . import inference
 from .build_sam import Variables
 from .configs import SamConfig
-from .inference import MIN_TOKENS, PromptBatch, _bucket
+from .inference import MIN_TOKENS, MirroredImages, PromptBatch, _bucket
 from .modeling import PAD_LABEL
-from .utils.clicked_components import keep_clicked_components
 
 Size = Tuple[int, int]
 
@@ -120,8 +119,9 @@ def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: Pro
                        config: SamConfig, multimask_output: bool = True, with_masks: bool = True,
                        return_logits: bool = False, input_size: Optional[Size] = None,
                        original_size: Optional[Size] = None,
-                       refiner_features: Optional[jax.Array] = None) -> DevicePrediction:
-    """`inference.decode_prompts` then, with an output size, `inference.postprocess_masks`
+                       refiner_features: Optional[jax.Array] = None,
+                       mirrored: Optional[MirroredImages] = None) -> DevicePrediction:
+    """`inference.decode_shown` then, with an output size, `inference.postprocess_masks`
     (thresholded unless `return_logits`), on a padded `PromptBatch` (numpy or device arrays);
     returns the outputs of all padded prompts. The code path shared by `predict_on_device` and
     `SamPredictor.predict_batch`; jitted calls, each compiled once per bucket.
@@ -129,29 +129,34 @@ def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: Pro
     With `refiner_features` (`inference.refiner_features` of the images and their
     embeddings, for a model with a mask refiner) the masks are upscaled from the refined
     logits; the low-res logits returned stay the decoder's (they are the next click's mask
-    prompt)."""
+    prompt). With `mirrored` (`inference.mirror_images`, for a model with `mirror_average`)
+    every output is the mean over the image and its mirror image."""
+    _check_mirrored(config, mirrored)
     prompts = prompts._replace(num_prompts=None)  # no host int among the jitted arguments
-    low_res, iou = inference.decode_prompts(variables, embeddings, prompts, config=config,
-                                            multimask_output=multimask_output,
-                                            with_masks=with_masks)
+    shown, iou, low_res = inference.decode_shown(
+        variables, embeddings, prompts, config=config, multimask_output=multimask_output,
+        with_masks=with_masks, shown=input_size is not None,
+        refiner_features=refiner_features if input_size is not None else None,
+        mirrored=mirrored)
     masks = None
     if input_size is not None:
-        shown = low_res
-        if refiner_features is not None:
-            if config.mask_refiner is None:
-                raise ValueError("refiner_features were given for a model without a mask "
-                                 "refiner (SamConfig.mask_refiner is None)")
-            shown = inference.refine_low_res(variables, refiner_features, low_res,
-                                             prompts.image_index, config=config)
-        if config.keep_clicked_components:
-            shown = keep_clicked_components(shown, prompts.coords, prompts.labels,
-                                            image_size=config.image_size,
-                                            threshold=config.mask_threshold)
         masks = inference.postprocess_masks(
             shown, input_size=tuple(input_size), original_size=tuple(original_size),
             image_size=config.image_size,
             threshold=None if return_logits else config.mask_threshold)
     return DevicePrediction(masks, iou, low_res)
+
+
+def _check_mirrored(config: SamConfig, mirrored: Optional[MirroredImages]) -> None:
+    """A model that averages over the mirror image needs the mirrored images, and only such a
+    model takes them: either mistake would silently return other masks than its predictor."""
+    if config.mirror_average and mirrored is None:
+        raise ValueError("this model averages its masks over the mirror image "
+                         "(SamConfig.mirror_average): pass mirrored=inference.mirror_images("
+                         "variables, images, input_widths, config=...)")
+    if mirrored is not None and not config.mirror_average:
+        raise ValueError("mirrored images were given for a model without mirror averaging "
+                         "(SamConfig.mirror_average is False)")
 
 
 def predict_on_device(variables: Variables, embeddings: jax.Array,
@@ -162,7 +167,8 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                       return_logits: bool = False, input_size: Optional[Size] = None,
                       original_size: Optional[Size] = None,
                       mesh: Optional[Mesh] = None,
-                      refiner_features: Optional[jax.Array] = None) -> DevicePrediction:
+                      refiner_features: Optional[jax.Array] = None,
+                      mirrored: Optional[MirroredImages] = None) -> DevicePrediction:
     """P prompts against one or more image embeddings, everything on the device.
 
     variables: the model's (replicated on a mesh); embeddings: (N_img, h, w, C) from
@@ -176,13 +182,19 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
     the original size (bool, or float32 logits with return_logits); without them only IoU and
     low-res logits are computed. `refiner_features` (`inference.refiner_features` of the
     images and their embeddings, for a model with a mask refiner) refines the upscaled masks;
-    the low-res logits stay the decoder's. With `mesh` (a `data` axis), the prompts are decoded
+    the low-res logits stay the decoder's. `mirrored` (`inference.mirror_images` of the same
+    images), required for and only for a model with `mirror_average`, makes every output the
+    mean over the image and its mirror image. With `mesh` (a `data` axis), the prompts are decoded
     data-parallel, the outputs sharded along P. Returns a `DevicePrediction` of jax arrays, P
     rows each.
 
     Raises ValueError for inconsistent shapes before tracing. Traceable: it may be called
     inside the caller's own `jax.jit` (then the caller's shapes decide the compilations)."""
     p = _check_inputs(config, embeddings, coords, labels, boxes, mask_inputs, image_index)
+    _check_mirrored(config, mirrored)
+    if mirrored is not None and mirrored.embeddings.shape != embeddings.shape:
+        raise ValueError(f"mirrored.embeddings {mirrored.embeddings.shape} must be the mirror "
+                         f"images' of embeddings {embeddings.shape}")
     if (input_size is None) != (original_size is None):
         raise ValueError("give both input_size and original_size (to upscale the masks) or "
                          f"neither, got input_size={input_size}, original_size={original_size}")
@@ -208,35 +220,28 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                    input_size=None if input_size is None else tuple(map(int, input_size)),
                    original_size=None if original_size is None else
                    tuple(map(int, original_size)))
+    # per-image inputs beside the embeddings, absent ones left out (no None in shard_map)
+    images = {k: v for k, v in (("refiner_features", refiner_features),
+                                ("mirrored", mirrored)) if v is not None}
     if mesh is None:
-        out = decode_and_upscale(variables, embeddings, prompts,
-                                 refiner_features=refiner_features, **options)
+        out = decode_and_upscale(variables, embeddings, prompts, **images, **options)
     else:
-        if refiner_features is not None:
-            refiner_features = jax.device_put(refiner_features, NamedSharding(mesh, Spec()))
-        out = _decode_on_mesh(variables, embeddings, prompts, refiner_features, mesh=mesh,
-                              **options)
+        images = jax.device_put(images, NamedSharding(mesh, Spec()))
+        out = _decode_on_mesh(variables, embeddings, prompts, images, mesh=mesh, **options)
     return out if prompts.coords.shape[0] == p else _first_rows(out, rows=p)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "config", "multimask_output", "with_masks",
                                              "return_logits", "input_size", "original_size"))
-def _decode_on_mesh(variables, embeddings, prompts, refiner_features, *, mesh: Mesh,
-                    **options):
+def _decode_on_mesh(variables, embeddings, prompts, images, *, mesh: Mesh, **options):
     """`decode_and_upscale` on each device's block of prompts (split along P over `data`),
-    with the variables, embeddings and refiner features replicated; outputs sharded along P."""
-    if refiner_features is None:
-        body = functools.partial(decode_and_upscale, **options)
-        return jax.shard_map(body, mesh=mesh, in_specs=(Spec(), Spec(), Spec("data")),
-                             out_specs=Spec("data"))(variables, embeddings, prompts)
-
-    def body(variables, embeddings, prompts, refiner_features):
-        return decode_and_upscale(variables, embeddings, prompts,
-                                  refiner_features=refiner_features, **options)
+    with the variables, embeddings and the other per-image inputs (`images`: refiner
+    features, mirrored images) replicated; outputs sharded along P."""
+    def body(variables, embeddings, prompts, images):
+        return decode_and_upscale(variables, embeddings, prompts, **images, **options)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(Spec(), Spec(), Spec("data"), Spec()),
-                         out_specs=Spec("data"))(variables, embeddings, prompts,
-                                                 refiner_features)
+                         out_specs=Spec("data"))(variables, embeddings, prompts, images)
 
 
 @functools.partial(jax.jit, static_argnames=("rows",))

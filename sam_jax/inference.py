@@ -29,6 +29,7 @@ from .build_sam import Variables
 from .configs import SamConfig, preset_name
 from .modeling import PAD_LABEL, Sam
 from .utils.clicked_components import keep_clicked_components
+from .utils.mirror import mirror_columns, mirror_pixels, mirror_points
 from .utils.transforms import from_torch, normalize_padded, resize_and_pad
 
 MIN_TOKENS = 2  # a single point (+ its not-a-point pad) or a box: the common prompts
@@ -115,6 +116,14 @@ class SamModel:
         return (f"SamModel({preset_name(c) or 'custom'}: image encoder {kind} width "
                 f"{e.embed_dim} depth {e.depth} at {e.img_size} px, {count} params{int8}, "
                 f"compute {c.compute_dtype}, on {self.device})")
+
+
+def single_view(model: SamModel) -> SamModel:
+    """`model` without `mirror_average`, for paths that decode only the image as given (the
+    automatic mask generator, soft edges): their predictor then embeds no mirror image."""
+    if not model.config.mirror_average:
+        return model
+    return dataclasses.replace(model, config=model.config.replace(mirror_average=False))
 
 
 class PreparedImage(NamedTuple):
@@ -262,6 +271,84 @@ def decode_prompts(variables: Variables, embeddings: jax.Array, prompts: PromptB
                                                   token_mask=groups(token_mask)))
     ungroup = lambda x: x.swapaxes(0, 1).reshape((num,) + x.shape[2:])  # noqa: E731
     return ungroup(low_res), ungroup(iou)
+
+
+class MirroredImages(NamedTuple):
+    """The images mirrored left-right inside their padded frames, for a model with
+    `SamConfig.mirror_average` (`mirror_images`): their embeddings (N_img, h, w, C), mask
+    refiner features (None without a refiner) and widths after resizing (N_img,) int32."""
+
+    embeddings: jax.Array
+    refiner_features: Optional[jax.Array]
+    input_widths: jax.Array
+
+
+def mirror_images(variables: Variables, images: jax.Array, input_widths, *,
+                  config: SamConfig) -> Optional[MirroredImages]:
+    """(B, S, S, 3) prepared images and their widths after resizing (B,) -> their mirror
+    images embedded (and read by the refiner), or None for a model without
+    `mirror_average`. Mirrored on the device from the prepared frames."""
+    if not config.mirror_average:
+        return None
+    widths = jnp.asarray(input_widths, jnp.int32).reshape(-1)
+    if widths.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {widths.shape[0]} input widths")
+    mirrored = _mirror_pixels(images, widths)
+    embeddings = embed_images(variables, mirrored, config=config)
+    return MirroredImages(embeddings, refiner_features(variables, mirrored, embeddings,
+                                                       config=config), widths)
+
+
+_mirror_pixels = jax.jit(mirror_pixels)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "multimask_output", "with_masks",
+                                             "shown"))
+def decode_shown(variables: Variables, embeddings: jax.Array, prompts: PromptBatch, *,
+                 config: SamConfig, multimask_output: bool = True, with_masks: bool = True,
+                 shown: bool = True, refiner_features: Optional[jax.Array] = None,
+                 mirrored: Optional[MirroredImages] = None):
+    """`decode_prompts`, then what the masks users see are made of: the decoder's low-res
+    logits, or the refiner's (with `refiner_features`), averaged with the mirror image's
+    (with `mirrored`), then only the clicked components (`config.keep_clicked_components`).
+    Returns (shown logits (P, M, s, s) over the padded frame, or None without `shown`; IoU
+    predictions (P, M); low-res logits (P, M, 4h, 4w), the next click's mask prompt).
+
+    With `mirrored` each prompt is decoded twice, as given and mirrored (points and boxes
+    `mirror_points`, its mask input `mirror_columns`) on the mirrored image; the mirrored
+    outputs are mirrored back and each output is the mean of the two: the shown logits, the
+    IoU predictions and the low-res logits alike, so the next click reads one mask prompt."""
+    def decode(embeddings, prompts, features):
+        low_res, iou = decode_prompts(variables, embeddings, prompts, config=config,
+                                      multimask_output=multimask_output, with_masks=with_masks)
+        seen = None
+        if shown:
+            seen = low_res if features is None else refine_low_res(
+                variables, features, low_res, prompts.image_index, config=config)
+        return seen, iou, low_res
+
+    if refiner_features is not None and config.mask_refiner is None:
+        raise ValueError("refiner_features were given for a model without a mask refiner "
+                         "(SamConfig.mask_refiner is None)")
+    seen, iou, low_res = decode(embeddings, prompts, refiner_features)
+    if mirrored is not None:
+        widths = mirrored.input_widths[prompts.image_index]
+        flip = functools.partial(mirror_columns, widths=widths, image_size=config.image_size)
+        flipped = prompts._replace(
+            coords=mirror_points(prompts.coords, prompts.labels, widths),
+            mask_inputs=flip(prompts.mask_inputs, axis=-2) if with_masks else
+            prompts.mask_inputs)
+        seen_m, iou_m, low_res_m = decode(mirrored.embeddings, flipped,
+                                          mirrored.refiner_features)
+        iou = (iou + iou_m) / 2
+        low_res = (low_res + flip(low_res_m)) / 2
+        if shown:
+            seen = (seen + flip(seen_m)) / 2
+    if shown and config.keep_clicked_components:
+        seen = keep_clicked_components(seen, prompts.coords, prompts.labels,
+                                       image_size=config.image_size,
+                                       threshold=config.mask_threshold)
+    return seen, iou, low_res
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -478,6 +565,8 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
                               config.pixel_std)
     embeddings = embed_images(model.variables, pixels, config=config)
     detail = refiner_features(model.variables, pixels, embeddings, config=config)
+    mirrored = mirror_images(model.variables, pixels, [w for _, w in input_sizes],
+                             config=config)
 
     coords, labels, boxes, masks, index = [], [], [], [], []
     for i, prompts in enumerate(per_image):
@@ -494,17 +583,11 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
         config, coords=coords if has(coords) else None, labels=labels if has(coords) else None,
         boxes=boxes if has(boxes) else None, mask_inputs=masks if has(masks) else None,
         image_index=index)
-    low_res, iou = decode_prompts(
+    # shown: what the masks are made of (the decoder's logits, or the refined ones, ...)
+    shown, iou, low_res = decode_shown(
         model.variables, embeddings, batch._replace(num_prompts=None), config=config,
-        multimask_output=multimask_output, with_masks=bool(batch.has_mask.any()))
-
-    shown = low_res  # what the masks are made of: the decoder's logits, or the refined ones
-    if detail is not None:
-        shown = refine_low_res(model.variables, detail, low_res, batch.image_index,
-                               config=config)
-    if config.keep_clicked_components:
-        shown = keep_clicked_components(shown, batch.coords, batch.labels,
-                                        image_size=size, threshold=config.mask_threshold)
+        multimask_output=multimask_output, with_masks=bool(batch.has_mask.any()),
+        refiner_features=detail, mirrored=mirrored)
     outputs, index = [], np.asarray(index)
     for i in range(len(batched_input)):
         rows = np.flatnonzero(index == i)

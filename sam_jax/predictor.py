@@ -54,6 +54,10 @@ class SamPredictor:
         self.refiner_features = inference.refiner_features(
             self.model.variables, prepared.pixels[None], self.features,
             config=self.model.config)
+        # a model that averages over the mirror image embeds that too (None for others)
+        self.mirrored = inference.mirror_images(
+            self.model.variables, prepared.pixels[None], [prepared.input_size[1]],
+            config=self.model.config)
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
         self.is_image_set = True
@@ -67,6 +71,7 @@ class SamPredictor:
         self.is_image_set = False
         self.features = None
         self.refiner_features = None
+        self.mirrored = None
         self.original_size = None
         self.input_size = None
 
@@ -164,7 +169,8 @@ class SamPredictor:
             self.model.variables, self.features, prompts, config=self.model.config,
             multimask_output=multimask_output, with_masks=bool(prompts.has_mask.any()),
             return_logits=return_logits, input_size=self.input_size,
-            original_size=self.original_size, refiner_features=self.refiner_features)
+            original_size=self.original_size, refiner_features=self.refiner_features,
+            mirrored=self.mirrored)
         # The padded batch was upscaled (a fixed shape, so no retrace): drop the padding on
         # the host, where slicing is a view.
         n = prompts.num_prompts
@@ -187,7 +193,7 @@ class SamPredictor:
             config=self.model.config, boxes=boxes, mask_inputs=mask_input,
             multimask_output=multimask_output, return_logits=return_logits,
             refiner_features=self.refiner_features if upscale else None,
-            **(sizes if upscale else {}))
+            mirrored=self.mirrored, **(sizes if upscale else {}))
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = True,

@@ -285,6 +285,16 @@ MESH_SCRIPT = textwrap.dedent("""
     three = {k: v[:3] for k, v in prompts.items()}
     compare(predict_on_device(rep_vars, rep_emb, **three, config=cfg, mesh=mesh, **sizes),
             predict_on_device(variables, emb, **three, config=cfg, **sizes), 3)
+    # a model averaging over the mirror images: they are replicated with the embeddings
+    mirror = cfg.replace(mirror_average=True)
+    mirrored = inference.mirror_images(variables, images, [128, 96, 128, 64], config=mirror)
+    single = predict_on_device(variables, emb, **prompts, config=mirror, mirrored=mirrored,
+                               **sizes)
+    assert np.abs(np.asarray(single.low_res_logits) -
+                  np.asarray(predict_on_device(variables, emb, **prompts, config=cfg,
+                                               **sizes).low_res_logits)).max() > 1e-3
+    compare(predict_on_device(rep_vars, rep_emb, **sharded_prompts, config=mirror, mesh=mesh,
+                              mirrored=mirrored, **sizes), single, p)
     print("OK")
 """)
 
@@ -293,7 +303,8 @@ def test_sharded_on_8_cpu_devices_equals_one_device():
     """Prompts sharded along P over the `data` axis, variables and embeddings replicated
     (under the transfer guard); the outputs stay sharded along P (2 prompts a device) and
     equal the one-device result; so do the same inputs without `mesh=` and 3 prompts padded
-    to 8 on the mesh (observed max abs difference 0 to ~1e-7; mask agreement 1.0)."""
+    to 8 on the mesh, and a model averaging over the mirror images (observed max abs
+    difference 0 to ~1e-7; mask agreement 1.0)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
@@ -310,7 +321,7 @@ def test_one_compilation_per_bucket(predictor):
     in all; only the small padding step (`device_prompt_batch`) sees each raw shape. (Shapes
     no other test uses, so the counts are this test's own.)"""
     caches = lambda: (device_predict.device_prompt_batch._cache_size(),  # noqa: E731
-                      inference.decode_prompts._cache_size(),
+                      inference.decode_shown._cache_size(),
                       inference.postprocess_masks._cache_size())
     rng = np.random.default_rng(7)
 
@@ -366,7 +377,7 @@ def _bad_inputs(config):
 def test_bad_shapes_raise_before_tracing(predictor):
     cfg = predictor.model.config
     caches = lambda: (device_predict.device_prompt_batch._cache_size(),  # noqa: E731
-                      inference.decode_prompts._cache_size())
+                      inference.decode_shown._cache_size())
     before = caches()
     for prompt_args, kwargs, match in _bad_inputs(cfg):
         with pytest.raises(ValueError, match=match):

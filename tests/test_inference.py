@@ -276,7 +276,7 @@ def test_no_retrace_within_bucket(tiny_sam, tiny_config):
     assert inference.embed_images._cache_size() == embed_before, "set_image traced again"
 
     rng = np.random.default_rng(0)
-    caches = lambda: (inference.decode_prompts._cache_size(),  # noqa: E731
+    caches = lambda: (inference.decode_shown._cache_size(),  # noqa: E731
                       inference.postprocess_masks._cache_size())
     for multimask in (True, False):
         outputs, seen_buckets = {}, set()

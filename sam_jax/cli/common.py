@@ -104,8 +104,8 @@ def model_name(config) -> str:
     """The preset a config is ("vit_b", ..., "tiny", "mini", "dinov2_s"), else "custom";
     runtime choices (compute dtype, attention implementation, chunk sizes) do not count, nor
     does a mask refiner on top (the bundled dinov2_s has one), keeping only clicked
-    components (so does the bundled model) or a DINOv2 encoder's input size (the bundled one
-    runs at 518 px), as in `preset_name`."""
+    components (so does the bundled model), averaging over the mirror image, or a DINOv2
+    encoder's input size (the bundled one runs at 518 px), as in `preset_name`."""
     from ..configs import get_config, weights_neutral
 
     for name in PRESETS:
@@ -115,6 +115,7 @@ def model_name(config) -> str:
                        decode_group_size=preset.decode_group_size,
                        mask_refiner=preset.mask_refiner,
                        keep_clicked_components=preset.keep_clicked_components,
+                       mirror_average=preset.mirror_average,
                        image_encoder=weights_neutral(config.image_encoder))
         if config.replace(**runtime) == preset:
             return name

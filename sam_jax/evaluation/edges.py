@@ -234,7 +234,7 @@ def soft_edges(model: SamModel, image: np.ndarray, options: EdgeOptions = EdgeOp
     `stats_group` groups the box measurement, `mask_chunk` masks per edge step); every plan
     gives the same result."""
     plan = plan_for_backend() if plan is None else plan
-    predictor = SamPredictor(model)
+    predictor = SamPredictor(inference.single_view(model))
     predictor.set_image(image)
     h, w = predictor.original_size
     points = amg.build_point_grid(int(options.points_per_side)) * np.array([w, h])
