@@ -1,5 +1,8 @@
 """Does averaging the model's masks over the image and its mirror image sharpen the outline?
 
+(The library now has the shared-prompt variant built in, on the device:
+`SamConfig.mirror_average`; this script keeps the first experiment, two click chains.)
+
 A test-time augmentation for the bundled model's first-mask outline, which the click-local
 oracle (`click_local_oracle.py`) found to be what limits it at 3 clicks. Each image is run twice,
 as it is and mirrored left-right (its own embedding, the clicks mirrored), each as its own
@@ -26,29 +29,13 @@ from click_local_oracle import WHOLE_SETS  # noqa: E402
 from evaluate_default_model import CLICKS  # noqa: E402
 
 
-def mirror_low_res(low_res: np.ndarray, input_width: int, image_size: int) -> np.ndarray:
-    """(..., L, L) low-res logits over the padded model frame -> the same for the mirrored
-    image: the image spans [0, input_width) of the frame's `image_size` columns, and x maps to
-    input_width - x. Exact (a reversal of the columns) when the image fills the frame's width;
-    otherwise linear between cells, the padding columns clamped to the image's edge."""
-    side = low_res.shape[-1]
-    cell = image_size / side
-    # cell j's centre (j + 0.5) * cell mirrors to input_width - (j + 0.5) * cell
-    source = (input_width - (np.arange(side) + 0.5) * cell) / cell - 0.5
-    source = np.clip(source, 0, side - 1)
-    left = np.floor(source).astype(int)
-    right = np.minimum(left + 1, side - 1)
-    weight = (source - left).astype(np.float32)
-    return low_res[..., left] * (1 - weight) + low_res[..., right] * weight
-
-
 class FlipAveragedPredictor:
     """`SamPredictor.predict`'s interface over two predictors, one on the mirrored image.
 
     Two ways to feed the previous logits back: `shared_prompt=False` keeps two click chains,
     and the low-res logits it returns stack both chains' (C, 2, L, L), so a caller feeding them
     back as `mask_input` feeds each chain its own; `shared_prompt=True` returns one (C, L, L),
-    the mean of the plain chain's and the mirrored chain's mirrored back (`mirror_low_res`),
+    the mean of the plain chain's and the mirrored chain's mirrored back (`_mirror`),
     which both chains read (the mirrored one mirrored): what a predictor with one mask prompt
     per mask, SAM's interface, could do."""
 
@@ -92,7 +79,11 @@ class FlipAveragedPredictor:
         return logits > self.threshold, (iou_a + iou_b) / 2, low_res
 
     def _mirror(self, low_res: np.ndarray) -> np.ndarray:
-        return mirror_low_res(low_res, self.plain.input_size[1], self.image_size)
+        """(C, L, L) low-res logits -> the mirrored image's (`sam_jax.utils.mirror`)."""
+        from sam_jax.utils.mirror import mirror_columns
+
+        widths = np.full((len(low_res),), self.plain.input_size[1])
+        return np.asarray(mirror_columns(low_res, widths, self.image_size))
 
 
 def main(argv=None) -> int:

@@ -119,6 +119,27 @@ def test_segment_points_end_to_end(converted, predictor, tmp_path):
     np.testing.assert_array_equal(mask, masks[int(np.argmax(scores))])
 
 
+def test_segment_mirror_average_in_process(converted, tmp_path, capsys):
+    """--mirror-average: the masks of the model with `SamConfig.mirror_average` on, recorded in
+    the JSON; without it the model's own setting (off for a converted official checkpoint)."""
+    masks = {}
+    for flag in ([], ["--mirror-average"]):
+        prefix = tmp_path / ("mirror" if flag else "plain")
+        status, out, err = call(capsys, "segment", TRUCK, "--checkpoint", converted,
+                                "--point", "500,375", "--point", "1100,600,0", *flag,
+                                "-o", prefix)
+        assert status == 0, err
+        masks[bool(flag)], record = check_outputs(prefix, TRUCK_W, TRUCK_H)
+        assert record["mirror_average"] is bool(flag)
+    model = sam_jax.load(converted).with_config(mirror_average=True)
+    predictor = sam_jax.SamPredictor(model)
+    predictor.set_image(load_image(TRUCK)[0])
+    want, _, _ = predictor.predict(point_coords=np.array([[500.0, 375.0], [1100, 600]]),
+                                   point_labels=np.array([1, 0]), multimask_output=False)
+    np.testing.assert_array_equal(masks[True], want[0])
+    assert not np.array_equal(masks[True], masks[False])
+
+
 def test_segment_box_in_process(converted, predictor, tmp_path, capsys):
     prefix = tmp_path / "box"
     status, out, err = call(capsys, "segment", TRUCK, "--checkpoint", converted,

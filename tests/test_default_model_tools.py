@@ -611,15 +611,25 @@ def test_flip_averaging_mirrors_clicks_onto_the_same_pixels(tiny_sam):
     assert (follow_l[0] != follow_r[0][..., ::-1]).mean() < 1e-3
 
 
-def test_mirror_low_res_maps_the_image_columns_onto_their_mirror():
-    from flip_averaging import mirror_low_res
+def test_clicks_honoured_checks_each_corrective_click_against_the_next_mask():
+    from clicks_honoured import RecordingPredictor, honoured
+    from sam_jax.training.evaluate import click_ious
 
-    x = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
-    # an image filling the frame's width: the columns reversed, exactly
-    np.testing.assert_array_equal(mirror_low_res(x, 64, 64), x[..., ::-1])
-    # an image 40 of 64 columns wide spans 10 cells: cell j's centre mirrors to 9 - j cells
-    ramp = np.tile(np.arange(16, dtype=np.float32), (16, 1))
-    mirrored = mirror_low_res(ramp, 40, 64)
-    np.testing.assert_allclose(mirrored[:, :10], np.tile(9.0 - np.arange(10), (16, 1)))
-    np.testing.assert_allclose(mirror_low_res(mirrored, 40, 64)[:, :9], ramp[:, :9])
-    assert (mirrored[:, 10:] == 0).all()  # padding columns: clamped to the image's edge cell
+    # the truth is a 20x20 square, the model always returns a 20x28 rectangle spilling right:
+    # the protocol's corrective clicks are then negative, on the spill, which stays in the mask
+    gt = np.zeros((40, 40), bool)
+    gt[10:30, 5:25] = True
+    pred = np.zeros((40, 40), bool)
+    pred[10:30, 5:33] = True
+    recorder = RecordingPredictor(_FixedMaskPredictor(pred))
+    click_ious(recorder, gt, 3)
+    assert len(recorder.calls) == 3
+    (x, y), label, mask = recorder.calls[1]
+    assert label == 0 and 25 <= x < 33 and pred[int(y), int(x)]
+    assert honoured(recorder.calls) == [(0, False), (0, False)]
+    # a mask that drops the clicked pixel honours the negative click; the first click is never
+    # counted (it is no correction)
+    fixed = pred.copy()
+    fixed[:, 25:] = False
+    assert honoured([recorder.calls[0], ((x, y), 0, fixed), ((x, y), 1, fixed)]) == [
+        (0, True), (1, False)]

@@ -292,6 +292,15 @@ def test_cli_points_writes_json_and_plots(tiny_model, tmp_path, capsys):
     assert "| toy | 2 | 4 |" in stdout and "images/s" in stdout
     for png in ("points_curve.png", "points_examples.png"):
         assert Image.open(out / png).size[0] > 100
+    assert report["mirror_average"] is False
+    # --mirror-average: the same protocol on the model averaged over the mirror image
+    status, _, err = call(capsys, "eval", "points", "--data", f"toy=masks:{images},{masks}",
+                          "--ignore-value", "255", "--clicks", "1,3", "-o", tmp_path / "m",
+                          "-q", "--checkpoint", tmp_path / "ckpt", "--mirror-average")
+    assert status == 0, err
+    mirrored = json.loads((tmp_path / "m" / "points.json").read_text())
+    assert mirrored["mirror_average"] is True
+    assert mirrored["objects"]["toy"] != report["objects"]["toy"]
 
 
 def test_cli_points_bad_input_is_one_line(tmp_path, capsys):

@@ -5,7 +5,8 @@
   sam-jax download vit_b|vit_l|vit_h|facebook/sam-vit-base|...
   sam-jax segment IMAGE_OR_FOLDER... [--checkpoint PATH] [--point X,Y[,LABEL]]...
                   [--box X0,Y0,X1,Y1]... [--prompt box=X0,Y0,X1,Y1/point=X,Y[,LABEL]/...]...
-                  [--multimask] [--save-all] [--compute-dtype float32|bfloat16] -o OUT
+                  [--multimask] [--save-all] [--compute-dtype float32|bfloat16]
+                  [--mirror-average] -o OUT
   sam-jax generate INPUT... [--checkpoint PATH] -o OUT_DIR [generator options] [--visualize]
                    [--compute-dtype float32|bfloat16] [--overwrite]
   sam-jax train --config CONFIG [KEY=VALUE ...]
@@ -31,8 +32,8 @@ call per distinct prompt shape: number of points, box or not).
 `segment` outputs, OUT being -o for one image file (a path prefix) and OUT_DIR/<stem> for
 several images or a folder (-o a folder; two inputs with one stem are refused): one prompt:
 OUT.png (the chosen mask, 0/255 grayscale), OUT_overlay.png (the mask over the image) and
-OUT.json (image, image_size, checkpoint, model_type, compute_dtype, multimask, prompt, scores,
-chosen_index, mask_area, outputs, notes); N prompts: OUT_prompt<i>.png per prompt,
+OUT.json (image, image_size, checkpoint, model_type, compute_dtype, mirror_average, multimask,
+prompt, scores, chosen_index, mask_area, outputs, notes); N prompts: OUT_prompt<i>.png per prompt,
 OUT_overlay.png with all, and OUT.json with a "prompts" list (prompt, mask, scores,
 chosen_index, mask_area per prompt) in place of the one prompt's fields. --save-all also writes
 every candidate, OUT_candidate<j>.png (OUT_prompt<i>_candidate<j>.png for N prompts), listed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .common import CliError, add_compute_dtype, info, load_model
+from .common import CliError, add_compute_dtype, add_mirror_average, info, load_model
 
 
 def add_parser(sub) -> None:
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     an.add_argument("--model-type", default="auto",
                     choices=("auto", "vit_b", "vit_l", "vit_h", "tiny"))
     add_compute_dtype(an)
+    add_mirror_average(an)
     an.add_argument("-q", "--quiet", action="store_true")
     an.set_defaults(run=run_annotate)
 
@@ -63,7 +64,8 @@ def run_annotate(args) -> int:
     def load_checkpoint(path):
         import argparse
         return load_model(argparse.Namespace(checkpoint=path, model_type="auto",
-                                             compute_dtype=args.compute_dtype, quiet=True))
+                                             compute_dtype=args.compute_dtype,
+                                             mirror_average=args.mirror_average, quiet=True))
 
     app = build_app(store, session, mode=args.mode, annotator=args.annotator,
                     load_checkpoint=load_checkpoint)

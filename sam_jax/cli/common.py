@@ -100,6 +100,13 @@ def add_compute_dtype(parser) -> None:
                         "~1.3x faster on CPU, float32 matches the official model (default)")
 
 
+def add_mirror_average(parser) -> None:
+    parser.add_argument("--mirror-average", action="store_true",
+                        help="average the masks over the image and its mirror image "
+                        "(SamConfig.mirror_average): steadier outlines for twice the time per "
+                        "image and click (README, \"Averaging over the mirror image\")")
+
+
 def model_name(config) -> str:
     """The preset a config is ("vit_b", ..., "tiny", "mini", "dinov2_s"), else "custom";
     runtime choices (compute dtype, attention implementation, chunk sizes) do not count, nor
@@ -179,4 +186,6 @@ def load_model(args):
     if dtype and dtype != model.config.compute_dtype:
         import dataclasses
         model = dataclasses.replace(model, config=model.config.replace(compute_dtype=dtype))
+    if getattr(args, "mirror_average", False):
+        model = model.with_config(mirror_average=True)
     return model

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 
-from .common import CliError, add_compute_dtype, ensure_writable_dir, info, load_model
+from .common import (CliError, add_compute_dtype, add_mirror_average, ensure_writable_dir,
+                     info, load_model)
 
 
 def _clicks(text: str) -> tuple:
@@ -47,6 +48,7 @@ def add_parser(sub) -> None:
     pts = tasks.add_parser("points", help="point-to-mask mIoU after 1..N points (SAM §7.1)")
     _dataset_options(pts)
     _model_options(pts)
+    add_mirror_average(pts)
     _output_options(pts)
     pts.set_defaults(run=run_points)
 
@@ -87,6 +89,7 @@ def add_parser(sub) -> None:
     ins.add_argument("--max-images", type=int, default=None,
                      help="only the first N images (by id) that have detections")
     _model_options(ins)
+    add_mirror_average(ins)
     _output_options(ins)
     ins.set_defaults(run=run_instances)
 
@@ -213,6 +216,7 @@ def run_points(args) -> int:
     report = result.to_json()
     report["checkpoint"] = args.checkpoint
     report["compute_dtype"] = args.compute_dtype
+    report["mirror_average"] = bool(model.config.mirror_average)
     _write_json(os.path.join(args.out, "points.json"), report)
     plot_points_curve(result, os.path.join(args.out, "points_curve.png"))
     plot_points_examples(examples, os.path.join(args.out, "points_examples.png"), result.clicks)

@@ -16,9 +16,9 @@ import sys
 import time
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from .common import (MODEL_TYPE_CHOICES, PROG, CliError, add_compute_dtype, check_checkpoint,
-                     check_distinct_outputs, collect_images, ensure_writable_dir, info,
-                     load_model, model_name, warn)
+from .common import (MODEL_TYPE_CHOICES, PROG, CliError, add_compute_dtype,
+                     add_mirror_average, check_checkpoint, check_distinct_outputs,
+                     collect_images, ensure_writable_dir, info, load_model, model_name, warn)
 
 Point = Tuple[float, float, int]
 Box = Tuple[float, float, float, float]
@@ -163,6 +163,7 @@ def add_parser(sub) -> None:
                      help="also write every candidate mask (3 with --multimask, else 1) with "
                      "its score in the JSON")
     add_compute_dtype(seg)
+    add_mirror_average(seg)
     seg.add_argument("-o", "--output", required=True, metavar="OUT",
                      help="one image file: a path prefix, e.g. out/truck -> out/truck.png, "
                      "out/truck_overlay.png, out/truck.json; several images or a folder: "
@@ -337,6 +338,7 @@ def _segment_image(args, predictor, image, image_path: str, notes, prompts, out:
             "checkpoint": args.checkpoint,
             "model_type": model_type,
             "compute_dtype": args.compute_dtype,
+            "mirror_average": bool(args.mirror_average),
             "multimask": bool(args.multimask),
         }
         if len(prompts) == 1:  # the one-prompt layout: the prompt's fields at the top
