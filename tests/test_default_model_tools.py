@@ -633,3 +633,18 @@ def test_clicks_honoured_checks_each_corrective_click_against_the_next_mask():
     fixed[:, 25:] = False
     assert honoured([recorder.calls[0], ((x, y), 0, fixed), ((x, y), 1, fixed)]) == [
         (0, True), (1, False)]
+
+
+def test_refiner_run_config_round_trip(tmp_path):
+    """train_mask_refiner.py --width/--dilations: the run's refiner config is saved beside its
+    parameters and read back by --validate/--export; a run from before the file is the
+    default refiner."""
+    import dataclasses as dc
+
+    from sam_jax.configs import MaskRefinerConfig
+    from train_mask_refiner import read_refiner_config
+
+    assert read_refiner_config(str(tmp_path), True) == MaskRefinerConfig(embedding_input=True)
+    wide = MaskRefinerConfig(64, (1, 2, 4, 8, 16, 1), False)
+    (tmp_path / "refiner_config.json").write_text(json.dumps(dc.asdict(wide)))
+    assert read_refiner_config(str(tmp_path), False) == wide
