@@ -5,6 +5,9 @@ training views, the decoder frozen.
     python experiments/train_mask_refiner.py --steps 600       # then train
     python experiments/train_mask_refiner.py --validate        # refined vs decoder masks
 
+A new refiner's size: --width (channels, default 32) and --dilations (its residual blocks);
+the run saves its refiner config beside the parameters (refiner_config.json).
+
 Data: the same training views as the head (`default_model_data.py`'s `training_views`,
 regenerated bit for bit from their seeds and checked against the feature cache), their padded
 images at the cache's input size (448 or 518 px) and their masks at the refiner's resolution,
