@@ -8,6 +8,9 @@ functions whose shapes do not depend on the request:
 - `postprocess_masks(low_res, input_size=, original_size=, image_size=)`: bilinear upscaling
   as the official `Sam.postprocess_masks` (align_corners=False, no antialiasing), with the two
   resizes composed into one banded map per axis.
+`decode_shown` adds what the masks users see are made of (a mask refiner, the mean over the
+image and its mirror image for `SamConfig.mirror_average`, the clicked components) on top of
+`decode_prompts`; it is what the predictor, the device API and the batched call run.
 `make_prompt_batch` builds a `PromptBatch` on the host and pads the number of prompts and the
 number of tokens per prompt to powers of two, so a new prompt count does not trace again. Padding
 tokens are masked out of attention (exact); padding prompts are dropped from the outputs.
