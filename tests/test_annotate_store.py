@@ -6,6 +6,7 @@ images folder."""
 import json
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -145,11 +146,18 @@ def test_writer_killed_at_any_moment_loses_nothing_acknowledged(tmp_path):
     for delay in (0.5, 0.8, 1.1):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, images, out],
                                 stdout=subprocess.PIPE, text=True, env=env)
-        time.sleep(delay + 1.5)  # imports, then writing
+        # the kill's moment counts from the first acknowledged object, not from the start:
+        # the imports take seconds more on a loaded machine (a fixed wait once killed the
+        # writer before it had written anything)
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        first = proc.stdout.readline().strip() if ready else ""
+        if not first:
+            proc.kill()
+        assert first, "the writer acknowledged nothing within 120 s"
+        time.sleep(delay)  # writing
         proc.send_signal(signal.SIGKILL)
-        acked = proc.communicate()[0].split()
+        acked = [first] + proc.communicate()[0].split()
         proc.wait()
-        assert acked, "the writer acknowledged nothing before the kill"
         store = AnnotationStore(images, out)  # a restart: removes stale temporaries
         on_disk = {a["object_id"] for a in store.read("a.jpg")["annotations"]}
         assert set(acked) <= on_disk
