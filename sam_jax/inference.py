@@ -104,7 +104,8 @@ class SamModel:
     def with_config(self, **changes: Any) -> "SamModel":
         """The same variables under a config with `changes` (`SamConfig.replace`), for the
         switches that do not change the weights: e.g. `sam_jax.load().with_config(
-        mirror_average=False)` for half the time per image, or `compute_dtype="bfloat16"`."""
+        mirror_average=True)` (masks averaged over the mirror image, twice the time), or
+        `compute_dtype="bfloat16"`."""
         return dataclasses.replace(self, config=self.config.replace(**changes))
 
     def eval(self) -> "SamModel":
