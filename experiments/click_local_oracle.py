@@ -89,10 +89,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     radii = args.radius or [0.0, 14.0, 28.0]
 
-    from tqdm import tqdm
-
     import sam_jax
-    from evaluate_default_model import split_sets, write_results
+    from evaluate_default_model import set_masks, split_sets, write_results
     from sam_jax.predictor import SamPredictor
 
     sets = split_sets(args.data, args.split, args.cache)
@@ -105,19 +103,15 @@ def main(argv=None) -> int:
     for set_name, items in sets.items():
         rows = {r: [] for r in radii}
         near, total = 0, 0
-        for item, image, masks in tqdm(items, desc=set_name, unit="image"):
-            predictor.set_image(image)
+        for _, image, gt in set_masks(predictor, items, set_name):
             scale = max(image.shape[:2]) / size  # original pixels per model-frame pixel
-            for gt in masks:
-                if not gt.any():
-                    continue
-                for r in radii:
-                    out = local_oracle_ious(predictor, gt, r * scale, CLICKS)
-                    rows[r].append(out["ious"])
-                    if r == 0:
-                        error = out["last"] != gt
-                        near += int((error & near_outline(gt, BOUNDARY_PX * scale)).sum())
-                        total += int(error.sum())
+            for r in radii:
+                out = local_oracle_ious(predictor, gt, r * scale, CLICKS)
+                rows[r].append(out["ious"])
+                if r == 0:
+                    error = out["last"] != gt
+                    near += int((error & near_outline(gt, BOUNDARY_PX * scale)).sum())
+                    total += int(error.sum())
         for r in radii:
             results[r][set_name] = np.asarray(rows[r]).mean(axis=0).tolist()
             if set_name in WHOLE_SETS:
@@ -137,12 +131,9 @@ def main(argv=None) -> int:
     lines.append("share of the error after the last click within "
                  f"{BOUNDARY_PX} px of the true outline (R = 0): "
                  + ", ".join(f"{s} {v:.2f}" for s, v in boundary_share.items()))
-    text = "\n".join(lines)
-    print(text)
-    write_results(args.out, text, {"radii": radii,
-                                   "mious": {str(r): v for r, v in results.items()},
-                                   "boundary_share": boundary_share,
-                                   "images": {s: len(v) for s, v in sets.items()}})
+    write_results(args.out, "\n".join(lines), {
+        "radii": radii, "mious": {str(r): v for r, v in results.items()},
+        "boundary_share": boundary_share, "images": {s: len(v) for s, v in sets.items()}})
     return 0
 
 

@@ -57,10 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="experiments/results/clicks_honoured_validation")
     args = parser.parse_args(argv)
 
-    from tqdm import tqdm
-
     import sam_jax
-    from evaluate_default_model import split_sets, write_results
+    from evaluate_default_model import set_masks, split_sets, write_results
     from sam_jax.training.evaluate import click_ious
 
     sets = {k: v for k, v in split_sets(args.data, "validation", args.cache).items()
@@ -73,13 +71,10 @@ def main(argv=None) -> int:
         predictor = sam_jax.SamPredictor(model)
         for set_name, items in sets.items():
             rows = []
-            for item, image, masks in tqdm(items, desc=f"{name} {set_name}", unit="image"):
-                predictor.set_image(image)
-                for gt in masks:
-                    if gt.any():
-                        recorder = RecordingPredictor(predictor)
-                        click_ious(recorder, gt, CLICKS)
-                        rows += honoured(recorder.calls)
+            for _, _, gt in set_masks(predictor, items, f"{name} {set_name}"):
+                recorder = RecordingPredictor(predictor)
+                click_ious(recorder, gt, CLICKS)
+                rows += honoured(recorder.calls)
             labels = np.array([r[0] for r in rows])
             ok = np.array([r[1] for r in rows])
             results[f"{name} / {set_name}"] = {
@@ -94,9 +89,7 @@ def main(argv=None) -> int:
     for key, r in results.items():
         lines.append(f"| {key} | {r['positive clicks']} | {r['positive honoured']:.3f} | "
                      f"{r['negative clicks']} | {r['negative honoured']:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    write_results(args.out, text, results)
+    write_results(args.out, "\n".join(lines), results)
     return 0
 
 

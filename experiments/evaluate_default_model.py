@@ -166,7 +166,6 @@ def evaluate_model(name, path, sets, drawn, image_size=None, switches=()):
     import sam_jax
     from sam_jax.predictor import SamPredictor
     from sam_jax.training.evaluate import click_ious
-    from tqdm import tqdm
 
     model = sam_jax.load(path)
     if image_size is not None:
@@ -179,17 +178,13 @@ def evaluate_model(name, path, sets, drawn, image_size=None, switches=()):
     t0 = time.time()
     for set_name, items in sets.items():
         rows, oracle, box = [], [], []
-        for item, image, masks in tqdm(items, desc=f"{name} {set_name}", unit="image"):
-            predictor.set_image(image)
-            for gt in masks:
-                if not gt.any():
-                    continue
-                r = click_ious(predictor, gt, CLICKS)
-                rows.append(r["ious"])
-                oracle.append(r["oracle_1"])
-                box.append(box_iou(predictor, gt))
-                if (set_name, item["name"]) in drawn:
-                    drawn[(set_name, item["name"])][name] = r
+        for item, _, gt in set_masks(predictor, items, f"{name} {set_name}"):
+            r = click_ious(predictor, gt, CLICKS)
+            rows.append(r["ious"])
+            oracle.append(r["oracle_1"])
+            box.append(box_iou(predictor, gt))
+            if (set_name, item["name"]) in drawn:
+                drawn[(set_name, item["name"])][name] = r
         rows = np.array(rows)
         out[set_name] = {f"miou_{k}": float(rows[:, k - 1].mean()) for k in range(1, CLICKS + 1)}
         out[set_name].update(oracle_1=float(np.mean(oracle)), box=float(np.mean(box)),
@@ -247,8 +242,21 @@ def split_sets(data: str, split: str, cache: str, limit: int | None = None,
     return heldout_sets(data, limit, parts_photos, davis_stride)
 
 
+def set_masks(predictor, items, desc: str):
+    """Over one set's (item, image, masks): the image set on `predictor` (with a progress
+    bar), then (item, image, mask) for each non-empty mask."""
+    from tqdm import tqdm
+
+    for item, image, masks in tqdm(items, desc=desc, unit="image"):
+        predictor.set_image(image)
+        for gt in masks:
+            if gt.any():
+                yield item, image, gt
+
+
 def write_results(out: str, text: str, results: dict) -> None:
-    """OUT.txt (the table) and OUT.json (every number)."""
+    """Prints the table and writes OUT.txt (the table) and OUT.json (every number)."""
+    print(text)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".txt", "w") as f:
         f.write(text + "\n")
@@ -456,9 +464,7 @@ def main(argv=None) -> int:
         print(f"baseline threshold {threshold} (training photos: {tuning})")
         results["dinov2-cosine"] = evaluate_baseline(sets, threshold)
         results["dinov2-cosine"]["_threshold"] = threshold
-    text = table(results, args.split)
-    print(text)
-    write_results(args.out, text, results)
+    write_results(args.out, table(results, args.split), results)
     plot(results, sets, drawn, args.out + ".png", models[0].partition("=")[0], args.split)
     # the first --model's predictions are drawn; the curves show every model
     print(f"wrote {args.out}.txt, .json and .png")

@@ -98,10 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="experiments/results/flip_averaging_validation")
     args = parser.parse_args(argv)
 
-    from tqdm import tqdm
-
     import sam_jax
-    from evaluate_default_model import split_sets, write_results
+    from evaluate_default_model import set_masks, split_sets, write_results
     from sam_jax.training.evaluate import click_ious
 
     sets = {k: v for k, v in split_sets(args.data, "validation", args.cache).items()
@@ -111,13 +109,10 @@ def main(argv=None) -> int:
     results, pooled = {}, []
     for set_name, items in sets.items():
         rows, oracle = [], []
-        for item, image, masks in tqdm(items, desc=set_name, unit="image"):
-            predictor.set_image(image)
-            for gt in masks:
-                if gt.any():
-                    r = click_ious(predictor, gt, CLICKS)
-                    rows.append(r["ious"])
-                    oracle.append(r["oracle_1"])
+        for _, _, gt in set_masks(predictor, items, set_name):
+            r = click_ious(predictor, gt, CLICKS)
+            rows.append(r["ious"])
+            oracle.append(r["oracle_1"])
         results[set_name] = {"mious": np.mean(rows, axis=0).tolist(),
                              "oracle_1": float(np.mean(oracle)), "masks": len(rows)}
         pooled += rows
@@ -131,9 +126,7 @@ def main(argv=None) -> int:
         vals = " | ".join(f"{v:.3f}" for v in r["mious"])
         oracle = f"{r['oracle_1']:.3f}" if "oracle_1" in r else ""
         lines.append(f"| {name} | {r['masks']} | {vals} | {oracle} |")
-    text = "\n".join(lines)
-    print(text)
-    write_results(args.out, text, results)
+    write_results(args.out, "\n".join(lines), results)
     return 0
 
 

@@ -161,9 +161,7 @@ def main(argv=None) -> int:
 
     sam_jax.keep_freed_host_memory()
     results = evaluate(split_sets(args.data, args.split, args.cache, args.limit))
-    text = table(results, args.split)
-    print(text)
-    write_results(args.out, text, results)
+    write_results(args.out, table(results, args.split), results)
     print(f"wrote {args.out}.txt and .json")
     return 0
 

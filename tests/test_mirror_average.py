@@ -94,6 +94,7 @@ def _by_hand(plain, image, **prompt):
     """The plain model on the image and on its mirror image (prompts mirrored by hand), the
     second flipped back, averaged: (logits at the original size, IoU, low-res logits)."""
     w = image.shape[1]
+    cells = w * plain.config.low_res_size // plain.config.image_size  # low-res cells over it
     a, b = SamPredictor(plain), SamPredictor(plain)
     a.set_image(image)
     b.set_image(np.ascontiguousarray(image[:, ::-1]))
@@ -104,13 +105,11 @@ def _by_hand(plain, image, **prompt):
         x0, y0, x1, y1 = prompt["box"]
         flipped["box"] = np.array([w - 1 - x1, y0, w - 1 - x0, y1], np.float32)
     if "mask_input" in prompt:
-        cells = w * plain.config.low_res_size // plain.config.image_size
         flipped["mask_input"] = prompt["mask_input"].copy()
         flipped["mask_input"][..., :cells] = prompt["mask_input"][..., :cells][..., ::-1]
     la, ia, lowa = a.predict(**prompt, return_logits=True)
     lb, ib, lowb = b.predict(**flipped, return_logits=True)
     low = lowa.copy()  # the low-res cells over the image; the padding cells are not compared
-    cells = w * plain.config.low_res_size // plain.config.image_size
     low[..., :cells] = (lowa[..., :cells] + lowb[..., :cells][..., ::-1]) / 2
     return (la + lb[..., ::-1]) / 2, (ia + ib) / 2, low, cells
 
