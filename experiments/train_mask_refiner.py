@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from default_model_data import validation_views  # noqa: E402
 
 CROP = 128  # training windows (refiner cells), centred on a point of the target's outline
+# a refiner that reads clicks trains after 0..MAX_CLICK_ROUNDS corrective clicks (the
+# evaluation places up to 4 after the first)
+MAX_CLICK_ROUNDS = 3
 
 
 def halve(masks: np.ndarray) -> np.ndarray:
@@ -69,8 +72,8 @@ def build_data(cache_dir: str, out: str) -> int:
     images = np.zeros((n, size, size, 3), np.uint8)
     targets = np.zeros((n, packed_masks.shape[1], side, -(-side // 8)), np.uint8)
     low_res_side = packed_masks.shape[-2]
-    for i, view in enumerate(tqdm(training_views(train, size, low_res_side), total=n,
-                                  desc=f"regenerating views at {size} px")):
+    views = zip(range(n), training_views(train, size, low_res_side))  # the cached ones
+    for i, view in tqdm(views, total=n, desc=f"regenerating views at {size} px"):
         if view["name"] != names[i]:
             raise SystemExit(f"view {i}: regenerated {view['name']}, cached {names[i]}")
         packed = np.packbits(view["masks"], axis=-1)
@@ -167,6 +170,18 @@ def crop_origin(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(at, 0, side - CROP).astype(np.int32)
 
 
+def around_clicks(origin: np.ndarray, last_xy: np.ndarray, placed: np.ndarray, side: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Training windows (B, 2) (row, col): for half of the masks with a corrective click, a
+    window around that click (its effect is local) instead of `origin`'s outline point."""
+    out = origin.copy()
+    for row in np.flatnonzero(placed & (rng.random(len(origin)) < 0.5)):
+        cell = (last_xy[row, ::-1] / 2.0).astype(int)  # (x, y) input px -> (row, col) cells
+        at = cell - CROP // 2 + rng.integers(-CROP // 4, CROP // 4 + 1, 2)
+        out[row] = np.clip(at, 0, side - CROP)
+    return out.astype(np.int32)
+
+
 def make_functions(cfg, head_vars, refiner):
     """jitted (coarse logits from the frozen head, loss, step) closures."""
     import jax
@@ -174,10 +189,11 @@ def make_functions(cfg, head_vars, refiner):
     import optax
 
     from sam_jax.modeling import PAD_LABEL, Sam
-    from sam_jax.modeling.mask_refiner import upsample_logits
+    from sam_jax.modeling.mask_refiner import click_maps, upsample_logits
     from sam_jax.training.losses import dice_loss
     from sam_jax.training.simulation import (_image_region, add_click, best_logits,
-                                             first_prompts, select_outputs)
+                                             deepest_cells, first_prompts, sample_pixels,
+                                             select_outputs)
     from sam_jax.utils.transforms import normalize_padded
 
     model = Sam(cfg)
@@ -205,10 +221,60 @@ def make_functions(cfg, head_vars, refiner):
         second = jax.random.bernoulli(k3, second_prob, (gt.shape[0],))
         return jnp.where(second[:, None, None], m[:, 0], first), emb
 
-    def refined(rparams, batch, low_res, emb):
+    def coarse_clicks(batch, key, rounds):
+        """For a refiner that reads clicks: the first prompt, then `rounds` (B,) corrective
+        clicks (at most MAX_CLICK_ROUNDS), each from the error of the previous logits at the
+        refiner's resolution (where the evaluation clicks: the shown masks are the refined
+        ones), at the error's interior-most cells half of the time (the evaluation's click),
+        with the previous logits fed back. Returns the last low-res logits, the embedding, the
+        prompts' coords and labels (clicks past a row's rounds are padding), the last click's
+        (x, y) and whether a corrective click was placed."""
+        emb = model.apply(head_vars, batch["features"], method="embed_features")
+        gt = batch["masks"][:, 0]
+        size = batch["input_size"]
+        target = batch["target"]
+        inside = inside_image(batch)
+        side = target.shape[-1]
+        rows = jnp.arange(gt.shape[0])
+
+        def decode(coords, labels, prev):
+            sparse = model.apply(head_vars, coords, labels, method="encode_tokens")
+            dense = (model.apply(head_vars, gt.shape[0], method="no_mask_dense") if prev is None
+                     else model.apply(head_vars, prev[..., None], method="encode_masks"))
+            return model.apply(head_vars, emb, sparse, dense, labels != PAD_LABEL,
+                               method="decode_all")
+
+        keys = jax.random.split(key, 1 + 2 * MAX_CLICK_ROUNDS)
+        prompts, use_box = first_prompts(keys[0], gt, batch["boxes"][:, 0], size, cell)
+        m, iou = decode(prompts.coords, prompts.labels, None)
+        logits = best_logits(*select_outputs(m, iou, ~use_box))
+        coords, labels = prompts.coords, prompts.labels
+        last = jnp.zeros((gt.shape[0], 2), jnp.float32)
+        placed = jnp.zeros((gt.shape[0],), bool)
+        for r in range(MAX_CLICK_ROUNDS):
+            error = (upsample_logits(logits, side) > 0) != target
+            error = error & inside
+            center = jax.random.bernoulli(keys[1 + 2 * r], 0.5, (gt.shape[0],))
+            error = jnp.where(center[:, None, None], deepest_cells(error), error)
+            xy, any_error = sample_pixels(keys[2 + 2 * r], error, size, 2.0)
+            at = jnp.clip((xy / 2.0).astype(jnp.int32), 0, side - 1)
+            label = target[rows, at[:, 1], at[:, 0]].astype(jnp.int32)
+            add = any_error & (r < rounds)
+            coords = coords.at[:, 2 + r].set(jnp.where(add[:, None], xy, coords[:, 2 + r]))
+            labels = labels.at[:, 2 + r].set(jnp.where(add, label, labels[:, 2 + r]))
+            m, _ = decode(coords, labels, logits)
+            logits = jnp.where(add[:, None, None], m[:, 0], logits)
+            last = jnp.where(add[:, None], xy, last)
+            placed = placed | add
+        return logits, emb, coords, labels, last, placed
+
+    def refined(rparams, batch, low_res, emb, coords=None, labels=None):
         pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
                                   cfg.pixel_std)
-        return refiner.apply({"params": rparams}, pixels, low_res[:, None], emb)[:, 0]
+        if coords is not None:
+            coords, labels = coords[:, None], labels[:, None]
+        return refiner.apply({"params": rparams}, pixels, low_res[:, None], emb, coords,
+                             labels)[:, 0]
 
     def crop(x, origin, scale):  # (B, H, W, ...) windows at origin * scale
         size = CROP * scale
@@ -216,9 +282,10 @@ def make_functions(cfg, head_vars, refiner):
             a, (o[0] * scale, o[1] * scale) + (0,) * (a.ndim - 2),
             (size, size) + a.shape[2:]))(x, origin)
 
-    def loss_fn(rparams, batch, low_res, emb):
+    def loss_fn(rparams, batch, low_res, emb, coords=None, labels=None):
         """On each mask's window: the image crop at 2x, the upsampled logits, the target (and
-        the window of the embedding's branch, upsampled over the whole frame first)."""
+        the window of the embedding's branch, upsampled over the whole frame first; and the
+        window's click maps, for a refiner that reads clicks)."""
         pixels = normalize_padded(batch["image"], batch["input_size"], cfg.pixel_mean,
                                   cfg.pixel_std)
         origin = batch["origin"]
@@ -229,7 +296,10 @@ def make_functions(cfg, head_vars, refiner):
         if refiner.embedding_input:
             feats = feats + crop(refiner.apply(variables, emb, (side, side),
                                                method="embedding_features"), origin, 1)
-        logits = refiner.apply(variables, feats, coarse[:, None],
+        clicks = None
+        if refiner.click_input:
+            clicks = click_maps(coords[:, None], labels[:, None], (CROP, CROP), origin)
+        logits = refiner.apply(variables, feats, coarse[:, None], clicks,
                                method="refine_upsampled")[:, 0]
         w = crop(inside_image(batch), origin, 1)
         t = crop(batch["target"], origin, 1).astype(jnp.float32)
@@ -238,7 +308,8 @@ def make_functions(cfg, head_vars, refiner):
         dice = dice_loss(jnp.where(w, logits, -100.0)[:, None], jnp.where(w, t, 0.0)[:, None])
         return (bce + dice[:, 0]).mean(), (logits, t, w, coarse)
 
-    return jax.jit(coarse, static_argnames="second_prob"), jax.jit(refined), loss_fn
+    return (jax.jit(coarse, static_argnames="second_prob"), jax.jit(coarse_clicks),
+            jax.jit(refined), loss_fn)
 
 
 def iou_at(logits, target, inside) -> np.ndarray:
@@ -268,6 +339,11 @@ def main(argv=None) -> int:
     parser.add_argument("--embedding-input", action="store_true",
                         help="train a refiner whose image branch also reads the head's image "
                              "embedding (MaskRefinerConfig.embedding_input)")
+    parser.add_argument("--click-input", action="store_true",
+                        help="train a refiner that also reads the prompt's clicks "
+                             "(MaskRefinerConfig.click_input), after 0-3 corrective clicks "
+                             "placed on the masks at its resolution; --init-from a refiner "
+                             "without it starts its click branch at zero")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
     parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
@@ -308,11 +384,13 @@ def main(argv=None) -> int:
     # --width has no config file: the default refiner), which say its kind of refiner
     trained = load_params(params_path) if args.validate or args.export else None
     embedding_input = ("embedding_proj" in trained) if trained else args.embedding_input
+    click_input = ("click_in" in trained) if trained else args.click_input
     dilations = tuple(int(d) for d in args.dilations.split(","))
-    refiner_cfg = (read_refiner_config(args.workdir, embedding_input) if trained else
-                   MaskRefinerConfig(args.width, dilations, embedding_input))
+    refiner_cfg = (read_refiner_config(args.workdir, embedding_input, click_input) if trained
+                   else MaskRefinerConfig(args.width, dilations, embedding_input, click_input))
     refiner = MaskRefiner(refiner_cfg.width, refiner_cfg.dilations,
-                          embedding_input=refiner_cfg.embedding_input)
+                          embedding_input=refiner_cfg.embedding_input,
+                          click_input=refiner_cfg.click_input)
     data_size = views_image_size(args.data)
     if cfg.image_size != data_size:
         # the head would decode features of another grid than the views' images
@@ -321,7 +399,7 @@ def main(argv=None) -> int:
                          f"--data built at {cfg.image_size} px (--build-data), or reuse a "
                          "refiner with --export --refiner-from")
     data = RefinerData(args.cache, args.data)
-    coarse, refined, loss_fn = make_functions(cfg, head_vars, refiner)
+    coarse, coarse_clicks, refined, loss_fn = make_functions(cfg, head_vars, refiner)
     os.makedirs(args.workdir, exist_ok=True)
 
     if args.export:
@@ -332,27 +410,38 @@ def main(argv=None) -> int:
         views = np.flatnonzero(data.is_val)
         rng = np.random.default_rng(123)
         rows = []  # (dataset, prompt, decoder IoU, refined IoU)
+        prompt_kinds = ((("first prompt", 0), ("after 1 corrective click", 1),
+                         (f"after {MAX_CLICK_ROUNDS} corrective clicks", MAX_CLICK_ROUNDS))
+                        if click_input else
+                        (("first prompt", 0.0), ("after a corrective click", 1.0)))
         for start in tqdm(range(0, len(views), 8), desc="validation"):
             chunk = views[start:start + 8]
             batch = data.batch(chunk, rng)
             inside = np.asarray(inside_image(batch))
-            for name, prob in (("first prompt", 0.0), ("after a corrective click", 1.0)):
-                low, emb = coarse(batch, jax.random.key(start), prob)
+            for name, prob in prompt_kinds:
+                if click_input:  # prob: the number of corrective clicks
+                    low, emb, coords, labels, _, _ = coarse_clicks(
+                        batch, jax.random.key(start), np.full(len(chunk), prob, np.int32))
+                    ref = refined(rparams, batch, low, emb, coords, labels)
+                else:
+                    low, emb = coarse(batch, jax.random.key(start), prob)
+                    ref = refined(rparams, batch, low, emb)
                 base = iou_at(upsample_logits(low, data.side), batch["target"], inside)
-                ref = iou_at(refined(rparams, batch, low, emb), batch["target"], inside)
+                ref = iou_at(ref, batch["target"], inside)
                 for v, b, r in zip(chunk, base, ref):
                     rows.append((str(data.names[v]).split("/")[0], name, b, r))
+        clicks_note = ("; corrective clicks placed on the error at the refiner's resolution, as "
+                       "in its training" if click_input else "")
         lines = [f"Mask refiner on its validation split ({len(views)} views of "
                  f"{len(views) // 2} training photos never used to train it; one mask a "
                  "view, drawn proportional to sqrt(area); first prompt a point from the mask "
-                 "or a noisy box, as in training; IoU at the refiner's "
+                 f"or a noisy box, as in training{clicks_note}; IoU at the refiner's "
                  f"{data.side}x{data.side} over the "
                  f"image). Model: {args.model}, refiner: {params_path}", "",
                  "| views of | prompt | masks | decoder IoU | refined IoU | gain |",
                  "|---|---|---|---|---|---|"]
-        groups = sorted({(d, p) for d, p, _, _ in rows}) + [("all", p) for p in
-                                                             ("first prompt",
-                                                              "after a corrective click")]
+        groups = sorted({(d, p) for d, p, _, _ in rows}) + [("all", p)
+                                                             for p, _ in prompt_kinds]
         for dataset, prompt in groups:
             sel = [(b, r) for d, p, b, r in rows
                    if p == prompt and (dataset == "all" or d == dataset)]
@@ -368,12 +457,15 @@ def main(argv=None) -> int:
 
     rparams = refiner.init(jax.random.key(args.seed), np.zeros((1, 448, 448, 3), np.float32),
                            np.zeros((1, 1, 128, 128), np.float32),
-                           np.zeros((1, 32, 32, cfg.prompt_encoder.embed_dim),
-                                    np.float32))["params"]
+                           np.zeros((1, 32, 32, cfg.prompt_encoder.embed_dim), np.float32),
+                           np.zeros((1, 1, 4, 2), np.float32),
+                           np.ones((1, 1, 4), np.int32))["params"]
     if args.init_from:
         loaded = load_params(args.init_from)
         if embedding_input and "embedding_proj" not in loaded:
             loaded["embedding_proj"] = rparams["embedding_proj"]  # zeros: the same refiner
+        if click_input and "click_in" not in loaded:
+            loaded["click_in"] = rparams["click_in"]  # zeros: the same refiner
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
         rparams = loaded
@@ -385,9 +477,10 @@ def main(argv=None) -> int:
     opt_state = opt.init(rparams)
 
     @jax.jit
-    def step(rparams, opt_state, batch, low_res, emb):
+    def step(rparams, opt_state, batch, low_res, emb, coords=None, labels=None):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(rparams, batch,
-                                                                       low_res, emb)
+                                                                       low_res, emb, coords,
+                                                                       labels)
         updates, opt_state = opt.update(grads, opt_state, rparams)
         return optax.apply_updates(rparams, updates), opt_state, loss, aux
 
@@ -397,10 +490,19 @@ def main(argv=None) -> int:
     for i in bar:
         rng = np.random.default_rng([args.seed, i])
         batch = data.batch(rng.choice(train_views, args.batch_size, replace=False), rng)
-        low, emb = coarse(batch, jax.random.key(i), 0.5)
+        points = ()
+        if click_input:
+            rounds = rng.integers(0, MAX_CLICK_ROUNDS + 1, args.batch_size).astype(np.int32)
+            low, emb, coords, labels, last, placed = coarse_clicks(batch, jax.random.key(i),
+                                                                   rounds)
+            batch["origin"] = around_clicks(batch["origin"], np.asarray(last),
+                                            np.asarray(placed), data.side, rng)
+            points = (coords, labels)
+        else:
+            low, emb = coarse(batch, jax.random.key(i), 0.5)
         t = time.time()
         rparams, opt_state, loss, (logits, target, inside, coarse_crop) = step(
-            rparams, opt_state, batch, low, emb)
+            rparams, opt_state, batch, low, emb, *points)
         if i % 10 == 0 or i == args.steps - 1:  # IoU on the training windows
             target, inside = np.asarray(target) > 0, np.asarray(inside)
             m = dict(step=i, loss=float(loss), seconds=time.time() - t,
@@ -453,17 +555,18 @@ def save_params(path: str, params) -> None:
     np.savez(path, **traverse_util.flatten_dict(leaves, sep="/"))
 
 
-def read_refiner_config(workdir: str, embedding_input: bool):
+def read_refiner_config(workdir: str, embedding_input: bool, click_input: bool = False):
     """The refiner config a training run in `workdir` saved (the default refiner for runs
-    from before the file existed)."""
+    from before the file existed); which inputs it reads is said by the run's parameters."""
     from sam_jax.configs import MaskRefinerConfig
 
     path = os.path.join(workdir, "refiner_config.json")
     if not os.path.exists(path):
-        return MaskRefinerConfig(embedding_input=embedding_input)
+        return MaskRefinerConfig(embedding_input=embedding_input, click_input=click_input)
     with open(path) as f:
         saved = json.load(f)
-    return MaskRefinerConfig(saved["width"], tuple(saved["dilations"]), embedding_input)
+    return MaskRefinerConfig(saved["width"], tuple(saved["dilations"]), embedding_input,
+                             click_input)
 
 
 def load_params(path: str) -> dict:

@@ -159,17 +159,21 @@ def _crop_candidates(variables, features, coords, labels, valid_rows, crop_box, 
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "input_size", "crop_size", "config"))
-def _kept_masks(variables, refiner_features, low_res, index, start, *, chunk, input_size,
-                crop_size, config):
+def _kept_masks(variables, refiner_features, low_res, index, start, coords, labels, *, chunk,
+                input_size, crop_size, config):
     """Binary masks (chunk, H, W) at the crop size of candidates index[start:start + chunk]
     and their XYXY boxes; past the end of `index`, repeats of its last entry (the caller drops
     them). With `refiner_features` (a model with a mask refiner) the masks are the refined
-    ones: the candidates were chosen on the decoder's masks, what is kept is refined."""
+    ones: the candidates were chosen on the decoder's masks, what is kept is refined (a
+    refiner that reads clicks reads each candidate's prompt, `coords` (R, T, 2) and `labels`
+    (R, T), the prompt rows the candidates' rows come from, masks_per_prompt each)."""
     rows = index[jnp.minimum(start + jnp.arange(chunk), index.shape[0] - 1)]
     logits = low_res[rows]
     if refiner_features is not None:
+        prompt = rows // (low_res.shape[0] // coords.shape[0])
         logits = inference.refine_low_res(variables, refiner_features, logits[:, None],
-                                          jnp.zeros((chunk,), jnp.int32), config=config)[:, 0]
+                                          jnp.zeros((chunk,), jnp.int32), coords[prompt],
+                                          labels[prompt], config=config)[:, 0]
     masks = inference.postprocess_masks(logits, input_size=input_size, original_size=crop_size,
                                         image_size=config.image_size,
                                         threshold=config.mask_threshold)
@@ -313,14 +317,15 @@ class SamAutomaticMaskGenerator:
         timings["embed"] += time.perf_counter() - start
         start = time.perf_counter()
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
-        found, row_points = self._candidates(points, crop_box, crop_size, orig_size)
+        found, row_points, prompts = self._candidates(points, crop_box, crop_size, orig_size)
         # The only copy to the host before the masks: the kept masks' count and numbers.
         count, index, iou, stability, boxes = jax.device_get(tuple(found)[:5])
         timings["decode and filter"] += time.perf_counter() - start
         start = time.perf_counter()
         offset = np.array([x0, y0, x0, y0])
         masks_per_prompt = len(found.low_res) // len(row_points)
-        rles, kept_boxes = self._kept_rles(found, int(count), crop_box, crop_size, orig_size)
+        rles, kept_boxes = self._kept_rles(found, int(count), crop_box, crop_size, orig_size,
+                                           prompts)
         if self.predictor.refiner_features is not None:
             boxes = kept_boxes.astype(boxes.dtype)  # the refined masks' own boxes
         data = {"iou_preds": iou[:count], "stability_score": stability[:count],
@@ -333,9 +338,10 @@ class SamAutomaticMaskGenerator:
         return data
 
     def _candidates(self, points: np.ndarray, crop_box, crop_size,
-                    orig_size) -> Tuple[_Candidates, np.ndarray]:
+                    orig_size) -> Tuple[_Candidates, np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """`_crop_candidates` for a crop's grid points (crop frame), padded to whole batches;
-        also returns the point of every prompt row."""
+        also returns the point of every prompt row and the rows' prompts (coords (R, T, 2),
+        labels (R, T), model frame)."""
         predictor, per_batch = self.predictor, self.points_per_batch
         n = len(points)
         padded = np.concatenate([points, np.repeat(points[:1], -n % per_batch, 0)])
@@ -357,16 +363,19 @@ class SamAutomaticMaskGenerator:
                 self.stability_score_offset, self.box_nms_thresh))),
             config=config, input_size=predictor.input_size, crop_size=tuple(crop_size),
             stats_group=self.plan.stats_group)
-        return found, padded[np.minimum(point_of_row, len(padded) - 1)]
+        prompts = (np.concatenate([b.coords for b in batches]),
+                   np.concatenate([b.labels for b in batches]))
+        return found, padded[np.minimum(point_of_row, len(padded) - 1)], prompts
 
     def _kept_rles(self, found: _Candidates, count: int, crop_box, crop_size,
-                   orig_size) -> List[amg.Rle]:
+                   orig_size, prompts) -> List[amg.Rle]:
         """RLEs (image frame) of the `count` kept masks. All chunks are dispatched before the
         first is read, so the device upscales the next chunks while the host encodes."""
         chunk = self.plan.mask_chunk
         config = self.predictor.model.config
+        prompts = jax.device_put(prompts)  # once, not once per chunk
         parts = [_kept_masks(self.predictor.model.variables, self.predictor.refiner_features,
-                             found.low_res, found.index, np.int32(s), chunk=chunk,
+                             found.low_res, found.index, np.int32(s), *prompts, chunk=chunk,
                              input_size=self.predictor.input_size, crop_size=tuple(crop_size),
                              config=config)
                  for s in range(0, count, chunk)]

@@ -108,6 +108,9 @@ class MaskRefinerConfig:
     # the image features also read the image embedding (projected, upsampled): False for the
     # refiners trained before it, whose checkpoints have no `embedding_proj`
     embedding_input: bool = False
+    # the refiner also reads the prompt's clicks (`mask_refiner.click_maps`): False for the
+    # refiners trained before it, whose checkpoints have no `click_in`
+    click_input: bool = False
 
     def __post_init__(self):
         if self.width < 1 or not self.dilations or min(self.dilations) < 1:

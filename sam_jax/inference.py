@@ -214,22 +214,32 @@ def _refiner_features(variables, images, image_embeddings, *, config):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def refine_low_res(variables: Variables, features: jax.Array, low_res: jax.Array,
-                   image_index: jax.Array, *, config: SamConfig) -> jax.Array:
+                   image_index: jax.Array, coords: Optional[jax.Array] = None,
+                   labels: Optional[jax.Array] = None, *, config: SamConfig) -> jax.Array:
     """low_res (P, C, 4h, 4w) decoder logits of prompts reading images `image_index` (P,) ->
     (P, C, S/2, S/2) refined logits over the padded input frame, for `postprocess_masks`.
+    A refiner with `click_input` also reads the prompts' points, `coords` (P, T, 2) and
+    `labels` (P, T) in the input frame (without them it sees no click, as for a box alone).
 
     Prompts go REFINE_GROUP at a time when P is a multiple of it: each prompt reads its own
     copy of its image's features (6 MB at 448 px), which a few hundred prompts at once would
     multiply into gigabytes."""
-    def refine(args):
-        index, logits = args
-        return Sam(config).apply(variables, features[index], logits, method="refine_masks")
+    if not config.mask_refiner.click_input:
+        coords = labels = None  # not read
 
+    def refine(args):
+        index, logits, points = args
+        c, lab = (None, None) if points is None else points
+        return Sam(config).apply(variables, features[index], logits, c, lab,
+                                 method="refine_masks")
+
+    points = None if coords is None else (coords, labels)
     p = low_res.shape[0]
     if p <= REFINE_GROUP or p % REFINE_GROUP:
-        return refine((image_index, low_res))
-    grouped = jax.lax.map(refine, (image_index.reshape(-1, REFINE_GROUP),
-                                   low_res.reshape((-1, REFINE_GROUP) + low_res.shape[1:])))
+        return refine((image_index, low_res, points))
+    group = lambda x: x.reshape((-1, REFINE_GROUP) + x.shape[1:])  # noqa: E731
+    grouped = jax.lax.map(refine, (group(image_index), group(low_res),
+                                   None if points is None else jax.tree.map(group, points)))
     return grouped.reshape((p,) + grouped.shape[2:])
 
 
@@ -332,7 +342,8 @@ def decode_shown(variables: Variables, embeddings: jax.Array, prompts: PromptBat
         seen = None
         if shown:
             seen = low_res if features is None else refine_low_res(
-                variables, features, low_res, prompts.image_index, config=config)
+                variables, features, low_res, prompts.image_index, prompts.coords,
+                prompts.labels, config=config)
         return seen, iou, low_res
 
     if refiner_features is not None and config.mask_refiner is None:

@@ -22,8 +22,11 @@ from sam_jax.modeling.mask_refiner import MaskRefiner, upsample_logits
 from sam_jax.predictor import SamPredictor
 
 REFINER = MaskRefinerConfig(width=8, dilations=(1, 2))
-# the bundled refiner's kind since 2026-12-02: it also reads the image embedding
+# a refiner that also reads the image embedding (an option; the bundled one reads the image only)
 REFINER_EMB = MaskRefinerConfig(width=8, dilations=(1, 2), embedding_input=True)
+# and one that also reads the prompt's clicks
+REFINER_CLICK = MaskRefinerConfig(width=8, dilations=(1, 2), embedding_input=True,
+                                  click_input=True)
 
 
 def _perturbed(params, seed):
@@ -34,8 +37,8 @@ def _perturbed(params, seed):
                                      for k, x in zip(keys, leaves)])
 
 
-@pytest.fixture(scope="module", params=[REFINER, REFINER_EMB],
-                ids=["pixels", "pixels+embedding"])
+@pytest.fixture(scope="module", params=[REFINER, REFINER_EMB, REFINER_CLICK],
+                ids=["pixels", "pixels+embedding", "pixels+embedding+clicks"])
 def refined_and_plain(request):
     """A tiny model with a trained-looking refiner (of each kind), and the same model without
     one."""
@@ -156,9 +159,11 @@ def test_predictor_shows_refined_masks_and_returns_decoder_logits(refined_and_pl
     np.testing.assert_array_equal(iou_ref, iou_plain)
     # the shown masks are the refined logits, upscaled as the decoder's would be
     cfg = refined.config
+    frame = p_ref.transform.apply_coords(coords, image.shape[:2])  # the prompt's points
     by_hand = inference.postprocess_masks(
         inference.refine_low_res(refined.variables, p_ref.refiner_features,
                                  jnp.asarray(low_ref)[None], jnp.zeros((1,), jnp.int32),
+                                 jnp.asarray(frame)[None], jnp.asarray(labels)[None],
                                  config=cfg)[0],
         input_size=p_ref.input_size, original_size=p_ref.original_size,
         image_size=cfg.image_size)
@@ -219,11 +224,15 @@ def test_many_prompts_are_refined_in_groups_with_equal_results(refined_and_plain
     p = 2 * inference.REFINE_GROUP
     low = 5 * jax.random.normal(jax.random.key(4), (p, 3) + (cfg.low_res_size,) * 2)
     index = jnp.zeros((p,), jnp.int32)
+    # each prompt its own clicks (read by a refiner with click_input)
+    coords = jax.random.uniform(jax.random.key(5), (p, 4, 2), maxval=cfg.image_size)
+    labels = jax.random.randint(jax.random.key(6), (p, 4), -1, 2)
     grouped = inference.refine_low_res(refined.variables, predictor.refiner_features, low,
-                                       index, config=cfg)
+                                       index, coords, labels, config=cfg)
     for rows in (slice(0, 1), slice(p - 3, p)):  # fewer than a group: one shot
         alone = inference.refine_low_res(refined.variables, predictor.refiner_features,
-                                         low[rows], index[rows], config=cfg)
+                                         low[rows], index[rows], coords[rows], labels[rows],
+                                         config=cfg)
         np.testing.assert_allclose(np.asarray(grouped[rows]), np.asarray(alone), rtol=0,
                                    atol=1e-5)
 

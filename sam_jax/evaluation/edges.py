@@ -197,6 +197,8 @@ def _soft_edges(variables, features, coords, labels, valid_rows, nms_thresh, ref
         return low_res, iou, boxes.reshape(p, -1, 4)
 
     low_res, iou, boxes = jax.lax.map(decode, (coords, labels))
+    prompt_coords = coords.reshape((-1,) + coords.shape[2:])  # (B * P, T, 2)
+    prompt_labels = labels.reshape((-1,) + labels.shape[2:])
     n = iou.size
     low_res = low_res.reshape((n,) + low_res.shape[-2:])
     valid = jnp.repeat(valid_rows, iou.shape[-1])
@@ -207,8 +209,11 @@ def _soft_edges(variables, features, coords, labels, valid_rows, nms_thresh, ref
         slots = start + jnp.arange(chunk)
         kept = low_res[index[jnp.minimum(slots, n - 1)]]
         if refiner_features is not None:
+            # a refiner that reads clicks reads each kept mask's own prompt
+            prompt = index[jnp.minimum(slots, n - 1)] // iou.shape[-1]
             kept = inference.refine_low_res(variables, refiner_features, kept[:, None],
-                                            jnp.zeros((chunk,), jnp.int32), config=config)[:, 0]
+                                            jnp.zeros((chunk,), jnp.int32), prompt_coords[prompt],
+                                            prompt_labels[prompt], config=config)[:, 0]
         logits = upscale(kept)
         edges = sobel_edges(jax.nn.sigmoid(logits), logits > threshold, boundary)
         edges = jnp.where((slots < count)[:, None, None], edges, 0.0)

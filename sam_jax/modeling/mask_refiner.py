@@ -24,6 +24,39 @@ from .common import gelu
 
 # logits are clipped before they enter the network: their scale is the decoder's, unbounded
 LOGIT_CLIP = 20.0
+# a click-reading refiner (`click_input`) sees each kind of click (positive, negative) as a
+# Gaussian bump at these widths, in refiner cells (2 input pixels each): a few pixels, to say
+# "this pixel", and about a DINOv2 patch, to say "this neighbourhood"
+CLICK_SIGMAS = (3.0, 10.0)
+CLICK_CHANNELS = 2 * len(CLICK_SIGMAS)
+
+
+def click_maps(coords: jax.Array, labels: jax.Array, shape, origin=None) -> jax.Array:
+    """coords (B, N, T, 2) (x, y) prompt points in input pixels and labels (B, N, T) (1
+    positive, 0 negative; any other label, a box corner or padding, is not a click) -> (B, N,
+    h, w, CLICK_CHANNELS) maps over the refiner cells `shape` (h, w), or over the window of
+    that size whose top-left cell is `origin` (B, 2) (row, col). Channel k * 2 + c holds,
+    for clicks of label c, the largest exp(-d^2 / 2 sigma_k^2) over them, d the distance in
+    cells from the cell's centre to the click (a point sits at its pixel's centre, + 0.5, as
+    the prompt encoder places it)."""
+    h, w = shape
+    b = coords.shape[0]
+    origin = jnp.zeros((b, 2), jnp.float32) if origin is None else origin.astype(jnp.float32)
+    # cell (r, c) of the window covers input pixels [2 (c + origin), 2 (c + origin) + 2)
+    rows = jnp.arange(h, dtype=jnp.float32)[None, :] + origin[:, :1] + 0.5  # (B, h)
+    cols = jnp.arange(w, dtype=jnp.float32)[None, :] + origin[:, 1:] + 0.5  # (B, w)
+    at = (coords.astype(jnp.float32) + 0.5) / 2.0  # (B, N, T, 2) in cells
+    dy = rows[:, None, None, :] - at[..., 1:2]  # (B, N, T, h)
+    dx = cols[:, None, None, :] - at[..., 0:1]  # (B, N, T, w)
+    maps = []
+    for sigma in CLICK_SIGMAS:
+        gy = jnp.exp(-dy ** 2 / (2 * sigma ** 2))
+        gx = jnp.exp(-dx ** 2 / (2 * sigma ** 2))
+        bump = gy[..., :, None] * gx[..., None, :]  # (B, N, T, h, w)
+        for label in (1, 0):
+            mine = (labels == label)[..., None, None]
+            maps.append(jnp.max(jnp.where(mine, bump, 0.0), axis=2))
+    return jnp.stack(maps, axis=-1)
 
 
 def upsample_logits(low_res: jax.Array, side: int) -> jax.Array:
@@ -43,6 +76,9 @@ class MaskRefiner(nn.Module):
     # the image branch also reads the image embedding (B, h, w, C) over the same frame: what
     # is where, which colour and edges alone do not say
     embedding_input: bool = False
+    # the prompt's clicks are read too (`click_maps`): a corrective click near the outline is
+    # below the decoder's grid, so only the refiner, at 2 pixels a cell, can honour it
+    click_input: bool = False
 
     def setup(self):
         def conv(features, dilation=1, stride=1, zero=False):
@@ -58,6 +94,9 @@ class MaskRefiner(nn.Module):
             self.embedding_proj = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                                            kernel_init=nn.initializers.zeros)
         self.fuse = conv(self.width)
+        if self.click_input:
+            # starts at zero: a refiner trained without clicks is reproduced exactly, then learns
+            self.click_in = conv(self.width, zero=True)
         # pre-norm residual blocks: without the norms the residual sums grow block by block
         # and the first trained steps swing the logits by tens
         self.norms = [nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -88,15 +127,29 @@ class MaskRefiner(nn.Module):
         return jax.image.resize(x, (x.shape[0],) + tuple(shape) + (x.shape[-1],), "linear",
                                 antialias=False)
 
-    def refine(self, image_features: jax.Array, low_res: jax.Array) -> jax.Array:
-        """image_features (B, s, s, width), low_res (B, N, L, L) -> (B, N, s, s) logits."""
-        return self.refine_upsampled(image_features,
-                                     upsample_logits(low_res, image_features.shape[1]))
+    def refine(self, image_features: jax.Array, low_res: jax.Array, coords=None,
+               labels=None) -> jax.Array:
+        """image_features (B, s, s, width), low_res (B, N, L, L) [and, for `click_input`, the
+        prompts' points coords (B, N, T, 2) and labels (B, N, T) in the input frame] -> (B,
+        N, s, s) logits."""
+        side = image_features.shape[1]
+        clicks = None
+        if self.click_input:
+            clicks = self.prompt_clicks(coords, labels, low_res.shape[:2], (side, side))
+        return self.refine_upsampled(image_features, upsample_logits(low_res, side), clicks)
 
-    def refine_upsampled(self, image_features: jax.Array, coarse: jax.Array) -> jax.Array:
+    def prompt_clicks(self, coords, labels, batch, shape, origin=None) -> jax.Array:
+        """`click_maps` of the prompts' points; no points (a box alone) give empty maps."""
+        if coords is None:
+            return jnp.zeros(tuple(batch) + tuple(shape) + (CLICK_CHANNELS,), jnp.float32)
+        return click_maps(coords, labels, shape, origin)
+
+    def refine_upsampled(self, image_features: jax.Array, coarse: jax.Array,
+                         clicks=None) -> jax.Array:
         """image_features (B, h, w, width), coarse (B, N, h, w) logits already at the
-        features' resolution -> (B, N, h, w): any window of the frame (training uses crops;
-        the network is convolutional and its norms act per pixel)."""
+        features' resolution [, clicks (B, N, h, w, CLICK_CHANNELS) `click_maps` over the same
+        cells, for `click_input`] -> (B, N, h, w): any window of the frame (training uses
+        crops; the network is convolutional and its norms act per pixel)."""
         b, n = coarse.shape[:2]
         h, w = image_features.shape[1:3]
         clipped = jnp.clip(coarse, -LOGIT_CLIP, LOGIT_CLIP) / LOGIT_CLIP
@@ -105,10 +158,15 @@ class MaskRefiner(nn.Module):
         x = jnp.concatenate([feats.astype(self.dtype), mask_in.astype(self.dtype)], axis=-1)
         x = x.reshape((b * n,) + x.shape[2:])
         x = self.fuse(x)
+        if self.click_input:
+            if clicks is None:
+                clicks = jnp.zeros((b, n, h, w, CLICK_CHANNELS), jnp.float32)
+            x = x + self.click_in(clicks.reshape((b * n, h, w, -1)).astype(self.dtype))
         for norm, block in zip(self.norms, self.blocks):
             x = x + block(gelu(norm(x)).astype(self.dtype))
         delta = self.out(gelu(self.out_norm(x)).astype(self.dtype))[..., 0].astype(jnp.float32)
         return coarse + delta.reshape(b, n, h, w)
 
-    def __call__(self, images: jax.Array, low_res: jax.Array, embeddings=None) -> jax.Array:
-        return self.refine(self.image_features(images, embeddings), low_res)
+    def __call__(self, images: jax.Array, low_res: jax.Array, embeddings=None, coords=None,
+                 labels=None) -> jax.Array:
+        return self.refine(self.image_features(images, embeddings), low_res, coords, labels)

@@ -40,7 +40,8 @@ class Sam(nn.Module):
         if cfg.mask_refiner is not None:
             self.mask_refiner = MaskRefiner(cfg.mask_refiner.width, cfg.mask_refiner.dilations,
                                             dtype,
-                                            embedding_input=cfg.mask_refiner.embedding_input)
+                                            embedding_input=cfg.mask_refiner.embedding_input,
+                                            click_input=cfg.mask_refiner.click_input)
 
     def embed_image(self, images, deterministic: bool = True):
         """(B, S, S, 3) normalized, padded images -> (B, g, g, 256), g = S / patch size. Training passes
@@ -110,10 +111,18 @@ class Sam(nn.Module):
             image_embeddings = self._split_embeddings(image_embeddings)[0]
         return self.mask_refiner.image_features(images, image_embeddings)
 
-    def refine_masks(self, refiner_features, low_res):
-        """refiner_features (B, s, s, width), low_res (B, N, L, L) logits -> (B, N, s, s)
-        refined logits over the padded input frame (s = S / 2)."""
-        return self.mask_refiner.refine(refiner_features, low_res)
+    def refine_masks(self, refiner_features, low_res, coords=None, labels=None):
+        """refiner_features (B, s, s, width), low_res (B, N, L, L) logits [, the prompts'
+        coords (B, T, 2) and labels (B, T) in the input frame, which a refiner with
+        `click_input` reads; its N masks share them] -> (B, N, s, s) refined logits over the
+        padded input frame (s = S / 2)."""
+        if coords is not None and self.mask_refiner.click_input:
+            n = low_res.shape[1]
+            coords = jnp.broadcast_to(coords[:, None], (coords.shape[0], n) + coords.shape[1:])
+            labels = jnp.broadcast_to(labels[:, None], (labels.shape[0], n) + labels.shape[1:])
+        else:
+            coords = labels = None
+        return self.mask_refiner.refine(refiner_features, low_res, coords, labels)
 
     def __call__(self, images, coords, labels, mask_inputs):
         """Every stage once (a mask prompt and the no-mask embedding): creates all variables."""
@@ -123,5 +132,6 @@ class Sam(nn.Module):
                                  self.no_mask_dense(mask_inputs.shape[0])], axis=0)
         out = self.decode(emb, jnp.concatenate([sparse, sparse], 0), dense, True)
         if self.config.mask_refiner is not None:
-            self.refine_masks(self.refiner_features(images, emb), out[0][:images.shape[0]])
+            self.refine_masks(self.refiner_features(images, emb), out[0][:images.shape[0]],
+                              coords[:images.shape[0]], labels[:images.shape[0]])
         return out
