@@ -648,3 +648,25 @@ def test_refiner_run_config_round_trip(tmp_path):
     wide = MaskRefinerConfig(64, (1, 2, 4, 8, 16, 1), False)
     (tmp_path / "refiner_config.json").write_text(json.dumps(dc.asdict(wide)))
     assert read_refiner_config(str(tmp_path), False) == wide
+    # --click-input: which inputs it reads is said by the run's parameters
+    clicks = dc.replace(wide, click_input=True)
+    (tmp_path / "refiner_config.json").write_text(json.dumps(dc.asdict(clicks)))
+    assert read_refiner_config(str(tmp_path), False, True) == clicks
+
+
+def test_refiner_training_windows_follow_half_of_the_clicks():
+    """train_mask_refiner.py --click-input: half of the masks with a corrective click train on
+    a window around it (inside the frame), the rest keep their outline window."""
+    from train_mask_refiner import CROP, around_clicks
+
+    side = 259
+    origin = np.zeros((400, 2), np.int32)
+    last = np.tile(np.array([[300.0, 100.0]]), (400, 1))  # (x, y) input px: cell (50, 150)
+    placed = np.arange(400) % 2 == 0
+    out = around_clicks(origin, last, placed, side, np.random.default_rng(0))
+    moved = (out != 0).any(1)
+    assert not moved[~placed].any()
+    assert 0.4 < moved[placed].mean() < 0.6
+    # the window holds the click's cell, within the jitter, and stays inside the frame
+    assert ((out[moved] <= [50, 150]) & (out[moved] + CROP > [50, 150])).all()
+    assert (out >= 0).all() and (out <= side - CROP).all()
