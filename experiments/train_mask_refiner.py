@@ -7,6 +7,12 @@ training views, the decoder frozen.
 
 A new refiner's size: --width (channels, default 32) and --dilations (its residual blocks);
 the run saves its refiner config beside the parameters (refiner_config.json).
+--click-input trains a refiner that also reads the prompt's clicks (MaskRefinerConfig.
+click_input): each mask after 0-3 corrective clicks, each placed on the error of the previous
+logits at the refiner's resolution (where the evaluation clicks, since users see refined
+masks), at the error's interior-most cells half of the time; half of the masks with a click
+train on a window around it. Start it from a trained refiner (--init-from NPZ): its click
+branch starts at zero, so step 0 is that refiner.
 
 Data: the same training views as the head (`default_model_data.py`'s `training_views`,
 regenerated bit for bit from their seeds and checked against the feature cache), their padded
@@ -123,7 +129,10 @@ class RefinerData:
         # view 2i and 2i+1 come from training photo i
         self.is_val = validation_views(len(self.cache))
 
-    def batch(self, views: np.ndarray, rng: np.random.Generator) -> dict:
+    def batch(self, views: np.ndarray, rng: np.random.Generator,
+              draw_power: float = 0.5) -> dict:
+        """`views`' arrays, one mask each drawn with probability proportional to
+        area ** draw_power (0.5: sqrt(area); 1 favours whole objects over their parts)."""
         a = self.cache.arrays
         side = a["masks"].shape[-2]
         b = len(views)
@@ -135,7 +144,9 @@ class RefinerData:
                "target": np.zeros((b, self.side, self.side), bool)}
         for row, v in enumerate(views):
             valid = np.flatnonzero(a["mask_valid"][v])
-            w = np.sqrt(a["area"][v, valid])
+            area = a["area"][v, valid]
+            # np.sqrt for the default: the draws of the runs before the option, bit for bit
+            w = np.sqrt(area) if draw_power == 0.5 else area.astype(np.float64) ** draw_power
             k = rng.choice(valid, p=w / w.sum())
             out["masks"][row, 0] = unpack_target(a["masks"][v, k], side)
             out["boxes"][row, 0] = a["boxes"][v, k]
@@ -344,6 +355,9 @@ def main(argv=None) -> int:
                              "(MaskRefinerConfig.click_input), after 0-3 corrective clicks "
                              "placed on the masks at its resolution; --init-from a refiner "
                              "without it starts its click branch at zero")
+    parser.add_argument("--draw-power", type=float, default=0.5,
+                        help="training draws each view's mask with probability proportional "
+                             "to area ** this (0.5: sqrt(area); 1 favours whole objects)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
     parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
@@ -489,7 +503,8 @@ def main(argv=None) -> int:
     bar = tqdm(range(args.steps), desc="training refiner")
     for i in bar:
         rng = np.random.default_rng([args.seed, i])
-        batch = data.batch(rng.choice(train_views, args.batch_size, replace=False), rng)
+        batch = data.batch(rng.choice(train_views, args.batch_size, replace=False), rng,
+                           args.draw_power)
         points = ()
         if click_input:
             rounds = rng.integers(0, MAX_CLICK_ROUNDS + 1, args.batch_size).astype(np.int32)
