@@ -210,25 +210,31 @@ def make_functions(cfg, head_vars, refiner):
     model = Sam(cfg)
     cell = cfg.low_res_stride
 
-    def coarse(batch, key, second_prob):
+    def decode(emb, coords, labels, prev):
+        """The frozen head's masks for prompts (coords, labels) [and the previous low-res
+        logits fed back as the mask prompt]."""
+        sparse = model.apply(head_vars, coords, labels, method="encode_tokens")
+        dense = (model.apply(head_vars, coords.shape[0], method="no_mask_dense") if prev is None
+                 else model.apply(head_vars, prev[..., None], method="encode_masks"))
+        return model.apply(head_vars, emb, sparse, dense, labels != PAD_LABEL,
+                           method="decode_all")
+
+    def first_mask(batch, key):
+        """The embedding, the training simulation's first prompt and its best low-res logits."""
         emb = model.apply(head_vars, batch["features"], method="embed_features")
+        prompts, use_box = first_prompts(key, batch["masks"][:, 0], batch["boxes"][:, 0],
+                                         batch["input_size"], cell)
+        m, iou = decode(emb, prompts.coords, prompts.labels, None)
+        return emb, prompts, best_logits(*select_outputs(m, iou, ~use_box))
+
+    def coarse(batch, key, second_prob):
         gt = batch["masks"][:, 0]
         size = batch["input_size"]
-
-        def decode(coords, labels, prev):
-            sparse = model.apply(head_vars, coords, labels, method="encode_tokens")
-            dense = (model.apply(head_vars, gt.shape[0], method="no_mask_dense") if prev is None
-                     else model.apply(head_vars, prev[..., None], method="encode_masks"))
-            return model.apply(head_vars, emb, sparse, dense, labels != PAD_LABEL,
-                               method="decode_all")
-
         k1, k2, k3 = jax.random.split(key, 3)
-        prompts, use_box = first_prompts(k1, gt, batch["boxes"][:, 0], size, cell)
-        m, iou = decode(prompts.coords, prompts.labels, None)
-        first = best_logits(*select_outputs(m, iou, ~use_box))
+        emb, prompts, first = first_mask(batch, k1)
         inside = _image_region(size, gt.shape[-1], cell)
         prompts = add_click(k2, prompts, first, gt, inside, True, size, cell, center_prob=0.5)
-        m, _ = decode(prompts.coords, prompts.labels, first)
+        m, _ = decode(emb, prompts.coords, prompts.labels, first)
         second = jax.random.bernoulli(k3, second_prob, (gt.shape[0],))
         return jnp.where(second[:, None, None], m[:, 0], first), emb
 
@@ -240,7 +246,6 @@ def make_functions(cfg, head_vars, refiner):
         with the previous logits fed back. Returns the last low-res logits, the embedding, the
         prompts' coords and labels (clicks past a row's rounds are padding), the last click's
         (x, y) and whether a corrective click was placed."""
-        emb = model.apply(head_vars, batch["features"], method="embed_features")
         gt = batch["masks"][:, 0]
         size = batch["input_size"]
         target = batch["target"]
@@ -248,17 +253,8 @@ def make_functions(cfg, head_vars, refiner):
         side = target.shape[-1]
         rows = jnp.arange(gt.shape[0])
 
-        def decode(coords, labels, prev):
-            sparse = model.apply(head_vars, coords, labels, method="encode_tokens")
-            dense = (model.apply(head_vars, gt.shape[0], method="no_mask_dense") if prev is None
-                     else model.apply(head_vars, prev[..., None], method="encode_masks"))
-            return model.apply(head_vars, emb, sparse, dense, labels != PAD_LABEL,
-                               method="decode_all")
-
         keys = jax.random.split(key, 1 + 2 * MAX_CLICK_ROUNDS)
-        prompts, use_box = first_prompts(keys[0], gt, batch["boxes"][:, 0], size, cell)
-        m, iou = decode(prompts.coords, prompts.labels, None)
-        logits = best_logits(*select_outputs(m, iou, ~use_box))
+        emb, prompts, logits = first_mask(batch, keys[0])
         coords, labels = prompts.coords, prompts.labels
         last = jnp.zeros((gt.shape[0], 2), jnp.float32)
         placed = jnp.zeros((gt.shape[0],), bool)
@@ -273,7 +269,7 @@ def make_functions(cfg, head_vars, refiner):
             add = any_error & (r < rounds)
             coords = coords.at[:, 2 + r].set(jnp.where(add[:, None], xy, coords[:, 2 + r]))
             labels = labels.at[:, 2 + r].set(jnp.where(add, label, labels[:, 2 + r]))
-            m, _ = decode(coords, labels, logits)
+            m, _ = decode(emb, coords, labels, logits)
             logits = jnp.where(add[:, None, None], m[:, 0], logits)
             last = jnp.where(add[:, None], xy, last)
             placed = placed | add
