@@ -56,11 +56,11 @@ def test_bundled_model_loads_and_is_small(model):
     assert _size_mb(sam_jax.DEFAULT_CHECKPOINT) < 45
     # the dinov2_s architecture with the learned mask refiner on top, run at 518 px (DINOv2's
     # own 37x37 grid; the preset's 448 px is what the head was first trained at); its masks
-    # keep only the parts connected to a positive click
+    # keep only the parts connected to a positive click; the refiner reads the clicks too
     preset = sam_jax.get_config("dinov2_s")
     assert model.config == preset.replace(
         image_encoder=dataclasses.replace(preset.image_encoder, img_size=518),
-        mask_refiner=MaskRefinerConfig(), keep_clicked_components=True)
+        mask_refiner=MaskRefinerConfig(click_input=True), keep_clicked_components=True)
     assert (model.config.image_embedding_size, model.config.low_res_size) == (37, 148)
     # a DINOv2 encoder's input size does not change its weights: still the dinov2_s preset
     # (SAM's ViT stores a position table per grid: another size is another model)
@@ -130,8 +130,11 @@ def test_negative_click_beside_a_person_keeps_the_person(model):
     # on): the first click at the person's interior-most pixel, the second at the larger error
     # region's, which here is background the mask spilled onto beside the outline, so it is a
     # negative click. The phase 10 head collapsed the person to a part after it (IoU 0.945 ->
-    # 0.594); the shipped phase 11 head (its single-output token trained on whole objects)
-    # keeps the person: 0.945 -> 0.911.
+    # 0.594); the phase 11 head (its single-output token trained on whole objects) keeps the
+    # person: 0.945 -> 0.911 with the refiner before it read the clicks. The shipped
+    # click-reading refiner carves around the negative click, between the arm and the body,
+    # into the top: 0.943 -> 0.836, still the person, not a part (the README gives this cost:
+    # held-out people 0.913 at 2 clicks against 0.926, then better at 3 and 5 clicks).
     image = np.asarray(Image.open(f"{PERSON}.jpg").convert("RGB"))
     gt = np.asarray(Image.open(f"{PERSON}.png")) > 127
     predictor = sam_jax.SamPredictor(model)
@@ -147,7 +150,7 @@ def test_negative_click_beside_a_person_keeps_the_person(model):
                                      point_labels=np.array([1, 0]),
                                      mask_input=logits[best][None], multimask_output=False)
     second = mask_iou(masks2[0], gt)
-    assert first > 0.9 and second > 0.85, (first, second)
+    assert first > 0.9 and second > 0.8, (first, second)
 
 
 def test_segment_without_checkpoint_uses_bundled_model(tmp_path, capsys):
@@ -195,10 +198,12 @@ def test_missing_bundled_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_bundled_model_has_a_trained_refiner(model):
-    assert model.config.mask_refiner == MaskRefinerConfig()
+    assert model.config.mask_refiner == MaskRefinerConfig(click_input=True)
     refiner = model.variables["params"]["mask_refiner"]
-    assert set(refiner) == ({"image_in", "image_mid", "fuse", "out", "out_norm"}
+    assert set(refiner) == ({"image_in", "image_mid", "fuse", "out", "out_norm", "click_in"}
                             | {f"blocks_{i}" for i in range(5)}
                             | {f"norms_{i}" for i in range(5)})
     # trained: its last layer (zero at initialization) is not the identity's
     assert float(np.abs(np.asarray(refiner["out"]["kernel"])).max()) > 1e-3
+    # and it learned to read the clicks: the click convolution starts at zero
+    assert float(np.abs(np.asarray(refiner["click_in"]["kernel"])).max()) > 1e-3
