@@ -130,9 +130,10 @@ class RefinerData:
         self.is_val = validation_views(len(self.cache))
 
     def batch(self, views: np.ndarray, rng: np.random.Generator,
-              draw_power: float = 0.5) -> dict:
+              draw_power: float = 0.5, background: bool = False) -> dict:
         """`views`' arrays, one mask each drawn with probability proportional to
-        area ** draw_power (0.5: sqrt(area); 1 favours whole objects over their parts)."""
+        area ** draw_power (0.5: sqrt(area); 1 favours whole objects over their parts); with
+        `background`, also each view's refiner cells outside all of its masks."""
         a = self.cache.arrays
         side = a["masks"].shape[-2]
         b = len(views)
@@ -152,6 +153,10 @@ class RefinerData:
             out["boxes"][row, 0] = a["boxes"][v, k]
             out["target"][row] = unpack_target(self.targets[v, k], self.side)
         out["origin"] = np.stack([crop_origin(t, rng) for t in out["target"]])
+        if background:
+            every = unpack_target(self.targets[views], self.side)
+            every &= a["mask_valid"][views][..., None, None]
+            out["background"] = ~every.any(axis=1)
         return out
 
 
@@ -193,8 +198,10 @@ def around_clicks(origin: np.ndarray, last_xy: np.ndarray, placed: np.ndarray, s
     return out.astype(np.int32)
 
 
-def make_functions(cfg, head_vars, refiner):
-    """jitted (coarse logits from the frozen head, loss, step) closures."""
+def make_functions(cfg, head_vars, refiner, background_prob: float = 0.0):
+    """jitted (coarse logits from the frozen head, loss, step) closures; `background_prob`: the
+    share of a click-reading refiner's corrective clicks that are negative clicks on the
+    background beside the target (the batch's "background" cells), error or not."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -202,13 +209,15 @@ def make_functions(cfg, head_vars, refiner):
     from sam_jax.modeling import PAD_LABEL, Sam
     from sam_jax.modeling.mask_refiner import click_maps, upsample_logits
     from sam_jax.training.losses import dice_loss
-    from sam_jax.training.simulation import (_image_region, add_click, best_logits,
-                                             deepest_cells, first_prompts, sample_pixels,
-                                             select_outputs)
+    from sam_jax.training.simulation import (BACKGROUND_BAND_CELLS, _image_region, add_click,
+                                             background_band, best_logits, deepest_cells,
+                                             first_prompts, sample_pixels, select_outputs)
     from sam_jax.utils.transforms import normalize_padded
 
     model = Sam(cfg)
     cell = cfg.low_res_stride
+    # the head's background band (in low-res cells) in the refiner's 2 px cells
+    band_cells = int(round(BACKGROUND_BAND_CELLS * cell / 2.0))
 
     def decode(emb, coords, labels, prev):
         """The frozen head's masks for prompts (coords, labels) [and the previous low-res
@@ -243,7 +252,8 @@ def make_functions(cfg, head_vars, refiner):
         clicks (at most MAX_CLICK_ROUNDS), each from the error of the previous logits at the
         refiner's resolution (where the evaluation clicks: the shown masks are the refined
         ones), at the error's interior-most cells half of the time (the evaluation's click),
-        with the previous logits fed back. Returns the last low-res logits, the embedding, the
+        or with probability `background_prob` anywhere in the background band beside the
+        target (a user's "not this" next to the object), with the previous logits fed back. Returns the last low-res logits, the embedding, the
         prompts' coords and labels (clicks past a row's rounds are padding), the last click's
         (x, y) and whether a corrective click was placed."""
         gt = batch["masks"][:, 0]
@@ -263,6 +273,11 @@ def make_functions(cfg, head_vars, refiner):
             error = error & inside
             center = jax.random.bernoulli(keys[1 + 2 * r], 0.5, (gt.shape[0],))
             error = jnp.where(center[:, None, None], deepest_cells(error), error)
+            if background_prob > 0:  # no extra draw without it: earlier runs bit for bit
+                to_band = jax.random.bernoulli(jax.random.fold_in(keys[1 + 2 * r], 1),
+                                               background_prob, (gt.shape[0],))
+                band = background_band(target, inside, band_cells) & batch["background"]
+                error = jnp.where(to_band[:, None, None], band, error)
             xy, any_error = sample_pixels(keys[2 + 2 * r], error, size, 2.0)
             at = jnp.clip((xy / 2.0).astype(jnp.int32), 0, side - 1)
             label = target[rows, at[:, 1], at[:, 0]].astype(jnp.int32)
@@ -354,6 +369,11 @@ def main(argv=None) -> int:
     parser.add_argument("--draw-power", type=float, default=0.5,
                         help="training draws each view's mask with probability proportional "
                              "to area ** this (0.5: sqrt(area); 1 favours whole objects)")
+    parser.add_argument("--background-click-prob", type=float, default=0.0,
+                        help="--click-input: the share of corrective clicks that are negative "
+                             "clicks on the background within ~10 low-res cells of the target, "
+                             "outside every annotated mask of the view, error or not (the head's "
+                             "--background-click-prob at the refiner's resolution)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
     parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
@@ -409,7 +429,11 @@ def main(argv=None) -> int:
                          f"--data built at {cfg.image_size} px (--build-data), or reuse a "
                          "refiner with --export --refiner-from")
     data = RefinerData(args.cache, args.data)
-    coarse, coarse_clicks, refined, loss_fn = make_functions(cfg, head_vars, refiner)
+    if args.background_click_prob and not click_input:
+        raise SystemExit("--background-click-prob places clicks for a refiner that reads them: "
+                         "add --click-input")
+    coarse, coarse_clicks, refined, loss_fn = make_functions(cfg, head_vars, refiner,
+                                                             args.background_click_prob)
     os.makedirs(args.workdir, exist_ok=True)
 
     if args.export:
@@ -500,7 +524,7 @@ def main(argv=None) -> int:
     for i in bar:
         rng = np.random.default_rng([args.seed, i])
         batch = data.batch(rng.choice(train_views, args.batch_size, replace=False), rng,
-                           args.draw_power)
+                           args.draw_power, background=args.background_click_prob > 0)
         points = ()
         if click_input:
             rounds = rng.integers(0, MAX_CLICK_ROUNDS + 1, args.batch_size).astype(np.int32)

@@ -670,3 +670,50 @@ def test_refiner_training_windows_follow_half_of_the_clicks():
     # the window holds the click's cell, within the jitter, and stays inside the frame
     assert ((out[moved] <= [50, 150]) & (out[moved] + CROP > [50, 150])).all()
     assert (out >= 0).all() and (out <= side - CROP).all()
+
+
+def test_refiner_background_clicks_are_negatives_beside_the_target():
+    """train_mask_refiner.py --background-click-prob 1: every corrective click is a negative
+    click on the view's background (outside every annotated mask) within the head's band of
+    the target, whatever the mask's error; without the option the click lands on the error."""
+    import jax
+
+    import sam_jax
+    from sam_jax.checkpoints.converted import load_converted
+    from sam_jax.modeling.mask_refiner import MaskRefiner
+    from train_default_model import head_params
+    from train_mask_refiner import make_functions
+
+    cfg, variables = load_converted(sam_jax.DEFAULT_CHECKPOINT)
+    head = {"params": head_params(variables["params"]), "buffers": variables["buffers"]}
+    refiner = MaskRefiner(click_input=True)
+    side, low = cfg.image_size // 2, cfg.low_res_size
+    target = np.zeros((2, side, side), bool)
+    target[:, 100:160, 80:140] = True  # the clicked object
+    other = np.zeros((side, side), bool)
+    other[100:160, 140:200] = True  # an annotated neighbour touching its right side
+    cells = low / side
+    masks = np.zeros((2, 1, low, low), bool)
+    masks[:, 0, int(100 * cells):int(160 * cells), int(80 * cells):int(140 * cells)] = True
+    batch = {"features": np.random.default_rng(0).normal(
+                 size=(2, cfg.image_embedding_size, cfg.image_embedding_size, 384)
+             ).astype(np.float32),
+             "input_size": np.full((2, 2), cfg.image_size, np.int32),
+             "masks": masks,
+             "boxes": np.tile(np.array([[[160.0, 200.0, 280.0, 320.0]]], np.float32), (2, 1, 1)),
+             "target": target,
+             "background": np.stack([~(target[0] | other)] * 2)}
+    rounds = np.full(2, 3, np.int32)
+    band = int(round(10 * cfg.low_res_stride / 2))  # BACKGROUND_BAND_CELLS in refiner cells
+    for prob in (1.0, 0.0):
+        coarse_clicks = make_functions(cfg, head, refiner, prob)[1]
+        _, _, coords, labels, _, placed = coarse_clicks(batch, jax.random.key(0), rounds)
+        coords, labels = np.asarray(coords)[:, 2:5], np.asarray(labels)[:, 2:5]
+        assert np.asarray(placed).all()
+        if prob:
+            assert (labels == 0).all()
+            rc = (coords[..., ::-1] / 2).astype(int)  # (x, y) input px -> (row, col) cells
+            assert batch["background"][0][rc[..., 0], rc[..., 1]].all()
+            assert ((rc >= [100 - band, 80 - band]) & (rc < [160 + band, 140 + band])).all()
+        else:  # the error of a random-feature head's masks: clicks inside the object too
+            assert (labels == 1).any()
