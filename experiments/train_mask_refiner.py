@@ -253,9 +253,10 @@ def make_functions(cfg, head_vars, refiner, background_prob: float = 0.0):
         refiner's resolution (where the evaluation clicks: the shown masks are the refined
         ones), at the error's interior-most cells half of the time (the evaluation's click),
         or with probability `background_prob` anywhere in the background band beside the
-        target (a user's "not this" next to the object), with the previous logits fed back. Returns the last low-res logits, the embedding, the
-        prompts' coords and labels (clicks past a row's rounds are padding), the last click's
-        (x, y) and whether a corrective click was placed."""
+        target (a user's "not this" next to the object), with the previous logits fed back.
+        Returns the last low-res logits, the embedding, the prompts' coords and labels (clicks
+        past a row's rounds are padding), the last click's (x, y) and whether a corrective
+        click was placed."""
         gt = batch["masks"][:, 0]
         size = batch["input_size"]
         target = batch["target"]
