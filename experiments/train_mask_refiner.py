@@ -12,7 +12,9 @@ click_input): each mask after 0-3 corrective clicks, each placed on the error of
 logits at the refiner's resolution (where the evaluation clicks, since users see refined
 masks), at the error's interior-most cells half of the time; half of the masks with a click
 train on a window around it. Start it from a trained refiner (--init-from NPZ): its click
-branch starts at zero, so step 0 is that refiner.
+branch starts at zero, so step 0 is that refiner. --background-click-prob P makes a share P of
+those clicks negative clicks on the background beside the target, error or not (the shipped
+refiner's last stage: a "not this" next to an object must not carve into it).
 
 Data: the same training views as the head (`default_model_data.py`'s `training_views`,
 regenerated bit for bit from their seeds and checked against the feature cache), their padded
