@@ -14,7 +14,8 @@ interior-most pixel, then at the larger error region's; previous logits fed back
 the mask with the highest predicted IoU, oracle@1 the best of the 3). The "box" column: one
 prompt, the object's tight ground-truth box, single output.
 
-`--image-size NAME=PX` runs a model at another input size with the same weights (the
+`--replot` redraws OUT.png from OUT.json without scoring (the first model's predictions on the
+drawn photos). `--image-size NAME=PX` runs a model at another input size with the same weights (the
 input-size sweep: `experiments/results/default_model_input_size_validation.txt`).
 `--split look-alikes` scores views of the validation photos with a look-alike pasted beside the
 object, which negative clicks must remove (`experiments/results/default_model_look_alikes.txt`).
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -331,17 +333,18 @@ def plot(results, sets, drawn, out_png, model_name, split="held-out"):
             ys = [results[model].get(set_name, {}).get(f"miou_{k}") for k in range(1, CLICKS + 1)]
             if None not in ys:
                 ax.plot(range(1, CLICKS + 1), ys, ls, marker="o", color=f"C{i}",
-                        label=f"{model}: {set_name}" if ls == "-" else None)
+                        label=set_name if ls == "-" else None)
         base = results.get("dinov2-cosine", {}).get(set_name, {}).get("miou_1")
         if base is not None:
             ax.plot([1], [base], "s", color=f"C{i}")
     ax.set_xlabel("clicks")
     ax.set_ylabel(f"{split} mIoU")
     ax.set_ylim(0, 1)
-    styles = ", ".join(f"{word}: {model}" for (model, _), word in
-                       zip(curves, ("solid", "dashed", "dotted")))
-    ax.set_title(f"{styles}, squares: baseline", fontsize=7)
-    ax.legend(fontsize=6)
+    # colours are the sets, line styles the models: long model names go in a wrapped title
+    styles = [textwrap.fill(f"{word}: {model}", 70) for (model, _), word in
+              zip(curves, ("solid", "dashed", "dotted"))]
+    ax.set_title("\n".join(styles + ["squares: baseline"]), fontsize=5.5, loc="left")
+    ax.legend(fontsize=6, loc="lower right")
     predictor = SamPredictor(sam_jax.load(results[model_name]["_path"]))
     lookup = {(s, it["name"]): (img, masks) for s, items in sets.items()
               for it, img, masks in items}
@@ -414,6 +417,9 @@ def main(argv=None) -> int:
                         help="--split validation: the feature cache whose split.json orders "
                              "the training photos")
     parser.add_argument("--out", default="experiments/results/default_model")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw OUT.png from OUT.json (its first model's predictions on the "
+                             "same photos) without scoring anything")
     parser.add_argument("--previous", default=None,
                         help="a JSON this script wrote: its models and baseline are reused "
                              "(same held-out sets), not recomputed, unless named again here")
@@ -429,6 +435,12 @@ def main(argv=None) -> int:
     for set_name, items in sets.items():
         for item, _, _ in items[:: max(1, len(items) // 3)][:3]:
             drawn[(set_name, item["name"])] = {}
+    if args.replot:
+        with open(args.out + ".json") as f:
+            results = json.load(f)
+        plot(results, sets, drawn, args.out + ".png", next(iter(results)), args.split)
+        print(f"wrote {args.out}.png")
+        return 0
     results: dict = {}
     models = args.model or ["default"]
     sizes = {}
