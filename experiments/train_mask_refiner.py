@@ -271,6 +271,8 @@ def make_functions(cfg, head_vars, refiner, background_prob: float = 0.0):
         coords, labels = prompts.coords, prompts.labels
         last = jnp.zeros((gt.shape[0], 2), jnp.float32)
         placed = jnp.zeros((gt.shape[0],), bool)
+        if background_prob > 0:  # where a background click may land: the same every round
+            band = background_band(target, inside, band_cells) & batch["background"]
         for r in range(MAX_CLICK_ROUNDS):
             error = (upsample_logits(logits, side) > 0) != target
             error = error & inside
@@ -279,7 +281,6 @@ def make_functions(cfg, head_vars, refiner, background_prob: float = 0.0):
             if background_prob > 0:  # no extra draw without it: earlier runs bit for bit
                 to_band = jax.random.bernoulli(jax.random.fold_in(keys[1 + 2 * r], 1),
                                                background_prob, (gt.shape[0],))
-                band = background_band(target, inside, band_cells) & batch["background"]
                 error = jnp.where(to_band[:, None, None], band, error)
             xy, any_error = sample_pixels(keys[2 + 2 * r], error, size, 2.0)
             at = jnp.clip((xy / 2.0).astype(jnp.int32), 0, side - 1)

@@ -681,6 +681,7 @@ def test_refiner_background_clicks_are_negatives_beside_the_target():
     import sam_jax
     from sam_jax.checkpoints.converted import load_converted
     from sam_jax.modeling.mask_refiner import MaskRefiner
+    from sam_jax.training.simulation import BACKGROUND_BAND_CELLS
     from train_default_model import head_params
     from train_mask_refiner import make_functions
 
@@ -704,7 +705,7 @@ def test_refiner_background_clicks_are_negatives_beside_the_target():
              "target": target,
              "background": np.stack([~(target[0] | other)] * 2)}
     rounds = np.full(2, 3, np.int32)
-    band = int(round(10 * cfg.low_res_stride / 2))  # BACKGROUND_BAND_CELLS in refiner cells
+    band = int(round(BACKGROUND_BAND_CELLS * cfg.low_res_stride / 2))  # in refiner cells
     for prob in (1.0, 0.0):
         coarse_clicks = make_functions(cfg, head, refiner, prob)[1]
         _, _, coords, labels, _, placed = coarse_clicks(batch, jax.random.key(0), rounds)
