@@ -10,7 +10,10 @@ reads the clicks at full resolution could add: a click-local fix only.
 
 Also reported: the share of the remaining error after the last click that lies within 7
 model-frame pixels of the true outline (boundary error, which a click cannot reach far from
-itself).
+itself), and with `--outline-band PX` (original pixels, repeatable) the mIoU after each click
+of the model as it is (R = 0) if its error within PX of the true outline were fixed: how much
+of what is left is the outline's precision, not the object's extent (2026-12-04: after 3
+clicks, fixing 2 px lifts DAVIS 0.777 -> 0.873, horses 0.932 -> 0.983, people 0.934 -> 0.968).
 
     python experiments/click_local_oracle.py --split validation --radius 0 --radius 14 \
         --radius 28 --cache runs/default/cache518
@@ -54,7 +57,7 @@ def local_oracle_ious(predictor, gt: np.ndarray, radius: float, clicks: int) -> 
     set to the truth after each prediction."""
     from sam_jax.evaluation.clicks import farthest_from_boundary, mask_iou, next_click
 
-    points, labels, ious = [], [], []
+    points, labels, ious, preds = [], [], [], []
     fixed = np.zeros_like(gt)
     xy, _ = farthest_from_boundary(gt)
     click, logits, pred = (xy, 1), None, None
@@ -69,9 +72,17 @@ def local_oracle_ious(predictor, gt: np.ndarray, radius: float, clicks: int) -> 
         best = int(np.argmax(scores))
         pred = np.where(fixed, gt, masks[best])
         ious.append(mask_iou(pred, gt))
+        preds.append(pred)
         logits = low_res[best]
         click = next_click(pred, gt)
-    return {"ious": ious, "last": pred}
+    return {"ious": ious, "last": pred, "preds": preds}
+
+
+def outline_fixed_iou(pred: np.ndarray, gt: np.ndarray, px: float) -> float:
+    """IoU of `pred` with its error within `px` of the true outline set to the truth."""
+    from sam_jax.evaluation.clicks import mask_iou
+
+    return mask_iou(np.where(near_outline(gt, px), gt, pred), gt)
 
 
 def main(argv=None) -> int:
@@ -84,10 +95,15 @@ def main(argv=None) -> int:
                              "photos)")
     parser.add_argument("--radius", type=float, action="append", default=[],
                         help="model-frame pixels (repeatable; 0 = the model as it is)")
+    parser.add_argument("--outline-band", type=float, action="append", default=[],
+                        metavar="PX", help="also score R = 0 with the error within PX original "
+                        "pixels of the true outline fixed (repeatable)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the bundled one)")
     parser.add_argument("--out", default="experiments/results/click_local_oracle")
     args = parser.parse_args(argv)
     radii = args.radius or [0.0, 14.0, 28.0]
+    if 0.0 not in radii and args.outline_band:
+        raise SystemExit("--outline-band scores the model as it is: include --radius 0")
 
     import sam_jax
     from evaluate_default_model import set_masks, split_sets, write_results
@@ -100,8 +116,11 @@ def main(argv=None) -> int:
     results = {r: {} for r in radii}
     pooled = {r: [] for r in radii}
     boundary_share = {}
+    bands = {d: {} for d in args.outline_band}
+    pooled_bands = {d: [] for d in args.outline_band}
     for set_name, items in sets.items():
         rows = {r: [] for r in radii}
+        band_rows = {d: [] for d in args.outline_band}
         near, total = 0, 0
         for _, image, gt in set_masks(predictor, items, set_name):
             scale = max(image.shape[:2]) / size  # original pixels per model-frame pixel
@@ -109,6 +128,8 @@ def main(argv=None) -> int:
                 out = local_oracle_ious(predictor, gt, r * scale, CLICKS)
                 rows[r].append(out["ious"])
                 if r == 0:
+                    for d in args.outline_band:
+                        band_rows[d].append([outline_fixed_iou(p, gt, d) for p in out["preds"]])
                     error = out["last"] != gt
                     near += int((error & near_outline(gt, BOUNDARY_PX * scale)).sum())
                     total += int(error.sum())
@@ -117,9 +138,15 @@ def main(argv=None) -> int:
             if set_name in WHOLE_SETS:
                 pooled[r] += rows[r]
         boundary_share[set_name] = near / max(total, 1)
+        for d in args.outline_band:
+            bands[d][set_name] = np.asarray(band_rows[d]).mean(axis=0).tolist()
+            if set_name in WHOLE_SETS:
+                pooled_bands[d] += band_rows[d]
 
     for r in radii:
         results[r]["whole objects"] = np.asarray(pooled[r]).mean(axis=0).tolist()
+    for d in args.outline_band:
+        bands[d]["whole objects"] = np.asarray(pooled_bands[d]).mean(axis=0).tolist()
     lines = [f"click-local oracle on the {args.split} photos ({model.config.image_size} px): "
              f"mIoU at 1..{CLICKS} clicks; R in model-frame pixels",
              "| set | R | " + " | ".join(str(k) for k in range(1, CLICKS + 1)) + " |",
@@ -131,8 +158,17 @@ def main(argv=None) -> int:
     lines.append("share of the error after the last click within "
                  f"{BOUNDARY_PX} px of the true outline (R = 0): "
                  + ", ".join(f"{s} {v:.2f}" for s, v in boundary_share.items()))
+    if args.outline_band:
+        lines += ["", "the model as it is (R = 0) with its error within PX original pixels of "
+                  "the true outline fixed", "| set | PX | " + " | ".join(
+                      str(k) for k in range(1, CLICKS + 1)) + " |", "|---|---|" + "---|" * CLICKS]
+        for set_name in list(sets) + ["whole objects"]:
+            for d in args.outline_band:
+                vals = " | ".join(f"{v:.3f}" for v in bands[d][set_name])
+                lines.append(f"| {set_name} | {d:g} | {vals} |")
     write_results(args.out, "\n".join(lines), {
         "radii": radii, "mious": {str(r): v for r, v in results.items()},
+        "outline_bands": {str(d): v for d, v in bands.items()},
         "boundary_share": boundary_share, "images": {s: len(v) for s, v in sets.items()}})
     return 0
 

@@ -390,7 +390,8 @@ def main(argv=None) -> int:
                         help="a new refiner's channels (saved in WORKDIR/refiner_config.json, "
                              "which --validate and --export read)")
     parser.add_argument("--dilations", default=",".join(map(str, MaskRefinerConfig.dilations)),
-                        help="a new refiner's residual blocks, one dilation each")
+                        help="a new refiner's residual blocks, one dilation each; more than "
+                             "--init-from's appends blocks that start at zero (grow_blocks)")
     args = parser.parse_args(argv)
     if args.build_data:
         return build_data(args.cache, args.data)
@@ -420,6 +421,11 @@ def main(argv=None) -> int:
     embedding_input = ("embedding_proj" in trained) if trained else args.embedding_input
     click_input = ("click_in" in trained) if trained else args.click_input
     dilations = tuple(int(d) for d in args.dilations.split(","))
+    saved = saved_dilations(args.init_from) if args.init_from else None
+    if saved is not None and saved != dilations[:len(saved)]:
+        # a grown refiner appends blocks (grow_blocks); the loaded ones keep their dilations
+        raise SystemExit(f"--init-from {args.init_from} has blocks dilated {saved}: "
+                         f"--dilations {args.dilations} must start with them")
     refiner_cfg = (read_refiner_config(args.workdir, embedding_input, click_input) if trained
                    else MaskRefinerConfig(args.width, dilations, embedding_input, click_input))
     refiner = MaskRefiner(refiner_cfg.width, refiner_cfg.dilations,
@@ -504,6 +510,7 @@ def main(argv=None) -> int:
             loaded["embedding_proj"] = rparams["embedding_proj"]  # zeros: the same refiner
         if click_input and "click_in" not in loaded:
             loaded["click_in"] = rparams["click_in"]  # zeros: the same refiner
+        loaded = grow_blocks(loaded, rparams)
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
         rparams = loaded
@@ -556,6 +563,35 @@ def main(argv=None) -> int:
     save_params(params_path, rparams)
     print(f"wrote {params_path}")
     return 0
+
+
+def grow_blocks(loaded: dict, fresh: dict) -> dict:
+    """`loaded` refiner parameters with the residual blocks that `fresh` (a new refiner's,
+    with more --dilations) has beyond them: their norms as initialized, their convolutions at
+    zero, so each new block adds nothing and the grown refiner starts as the loaded one. A
+    loaded refiner with as many blocks is returned as it is."""
+    blocks = lambda p: sorted(k for k in p if k.startswith("blocks_"))  # noqa: E731
+    have, want = len(blocks(loaded)), len(blocks(fresh))
+    if have >= want:
+        return loaded
+    grown = dict(loaded)
+    for i in range(have, want):
+        grown[f"norms_{i}"] = fresh[f"norms_{i}"]
+        grown[f"blocks_{i}"] = {k: np.zeros_like(v) for k, v in fresh[f"blocks_{i}"].items()}
+    return grown
+
+
+def saved_dilations(npz_path: str):
+    """The dilations of the refiner config saved beside a refiner's parameters (a run's
+    refiner_config.json beside refiner_params.npz; NAME_config.json beside NAME_params.npz),
+    or None when there is none."""
+    folder, name = os.path.split(npz_path)
+    stem = name[:-len("_params.npz")] if name.endswith("_params.npz") else None
+    path = os.path.join(folder, f"{stem}_config.json") if stem else None
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return tuple(json.load(f)["dilations"])
 
 
 def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int:

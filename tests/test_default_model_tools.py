@@ -718,3 +718,61 @@ def test_refiner_background_clicks_are_negatives_beside_the_target():
             assert ((rc >= [100 - band, 80 - band]) & (rc < [160 + band, 140 + band])).all()
         else:  # the error of a random-feature head's masks: clicks inside the object too
             assert (labels == 1).any()
+
+
+def test_a_grown_refiner_starts_as_the_loaded_one(tmp_path):
+    """train_mask_refiner.py --init-from a refiner with fewer --dilations: the new blocks add
+    nothing at step 0 (same logits as the loaded refiner), yet are trainable (their kernels get
+    gradients); a saved config whose dilations are not a prefix of the new ones is refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax.modeling.mask_refiner import MaskRefiner
+    from train_mask_refiner import grow_blocks, load_params, main, save_params, saved_dilations
+
+    small, big = MaskRefiner(8, (1, 2)), MaskRefiner(8, (1, 2, 1, 4))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(1, 32, 32, 3)).astype(np.float32)
+    low = rng.normal(size=(1, 2, 8, 8)).astype(np.float32)
+    loaded = small.init(jax.random.key(0), images, low)["params"]
+    # a trained last layer (it starts at zero, which would hide the blocks' effect)
+    loaded = dict(loaded, out={k: jnp.full_like(v, 0.1) for k, v in loaded["out"].items()})
+    path = tmp_path / "stage_params.npz"
+    save_params(str(path), loaded)
+    fresh = big.init(jax.random.key(1), images, low)["params"]
+    grown = grow_blocks(load_params(str(path)), fresh)
+    assert jax.tree.map(np.shape, grown) == jax.tree.map(np.shape, fresh)
+    want = small.apply({"params": loaded}, images, low)
+    got = big.apply({"params": grown}, images, low)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    grads = jax.grad(lambda p: big.apply({"params": p}, images, low).sum())(grown)
+    assert np.abs(np.asarray(grads["blocks_3"]["kernel"])).sum() > 0
+    # the loaded blocks are kept, not re-initialized
+    np.testing.assert_array_equal(np.asarray(grown["blocks_1"]["kernel"]),
+                                  np.asarray(loaded["blocks_1"]["kernel"]))
+    assert saved_dilations(str(path)) is None
+    (tmp_path / "stage_config.json").write_text(json.dumps({"dilations": [1, 2]}))
+    assert saved_dilations(str(path)) == (1, 2)
+    with pytest.raises(SystemExit, match="must start with them"):
+        main(["--init-from", str(path), "--dilations", "2,1,1", "--data", str(tmp_path),
+              "--cache", str(tmp_path), "--workdir", str(tmp_path / "run")])
+
+
+def test_outline_band_fixes_only_the_error_near_the_true_outline():
+    """click_local_oracle.py --outline-band: the error within PX of the true outline is set to
+    the truth, the error farther away stays."""
+    from click_local_oracle import outline_fixed_iou
+    from sam_jax.evaluation.clicks import mask_iou
+
+    gt = np.zeros((60, 60), bool)
+    gt[10:50, 10:50] = True
+    pred = gt.copy()
+    pred[10:50, 48:52] = [False, False, True, True]  # 2 columns lost inside, 2 spilled out
+    pred[30, 30] = False  # a hole 20 px from the outline
+    assert mask_iou(pred, gt) == pytest.approx((1600 - 80 - 1) / 1680)
+    # within 2 px of the outline: both strips (the spill's far column is 2 px out)
+    assert outline_fixed_iou(pred, gt, 2) == pytest.approx(1599 / 1600)
+    # within 1 px: the columns next to the outline, and the lost column's two end pixels
+    # (on the top and bottom rows, 1 px from the outline there)
+    assert outline_fixed_iou(pred, gt, 1) == pytest.approx((1600 - 38 - 1) / 1640)
+    assert outline_fixed_iou(pred, gt, 30) == 1.0
