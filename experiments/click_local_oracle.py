@@ -43,13 +43,18 @@ def disk(shape, xy, radius: float) -> np.ndarray:
     return (xs - xy[0]) ** 2 + (ys - xy[1]) ** 2 <= radius ** 2
 
 
-def near_outline(gt: np.ndarray, px: float) -> np.ndarray:
-    """(H, W) bool: pixels within `px` of the mask's outline (inside or outside)."""
+def outline_distance(gt: np.ndarray) -> np.ndarray:
+    """(H, W) float: each pixel's distance to the mask's outline (inside or outside)."""
     from scipy import ndimage
 
     inside = ndimage.distance_transform_edt(gt)
     outside = ndimage.distance_transform_edt(~gt)
-    return np.where(gt, inside, outside) <= px
+    return np.where(gt, inside, outside)
+
+
+def near_outline(gt: np.ndarray, px: float) -> np.ndarray:
+    """(H, W) bool: pixels within `px` of the mask's outline (inside or outside)."""
+    return outline_distance(gt) <= px
 
 
 def local_oracle_ious(predictor, gt: np.ndarray, radius: float, clicks: int) -> dict:
@@ -75,14 +80,29 @@ def local_oracle_ious(predictor, gt: np.ndarray, radius: float, clicks: int) -> 
         preds.append(pred)
         logits = low_res[best]
         click = next_click(pred, gt)
-    return {"ious": ious, "last": pred, "preds": preds}
+    return {"ious": ious, "preds": preds}
 
 
-def outline_fixed_iou(pred: np.ndarray, gt: np.ndarray, px: float) -> float:
-    """IoU of `pred` with its error within `px` of the true outline set to the truth."""
+def outline_fixed_iou(pred: np.ndarray, gt: np.ndarray, px: float, distance=None) -> float:
+    """IoU of `pred` with its error within `px` of the true outline set to the truth
+    (`distance`: `outline_distance(gt)`, when already computed)."""
     from sam_jax.evaluation.clicks import mask_iou
 
-    return mask_iou(np.where(near_outline(gt, px), gt, pred), gt)
+    if distance is None:
+        distance = outline_distance(gt)
+    return mask_iou(np.where(distance <= px, gt, pred), gt)
+
+
+def table_lines(title: str, column: str, keys, values) -> list:
+    """A markdown table of mIoU after 1..CLICKS clicks: a row per set and key,
+    `values[key][set]` the list of mIoUs."""
+    lines = [title, f"| set | {column} | " + " | ".join(
+        str(k) for k in range(1, CLICKS + 1)) + " |", "|---|---|" + "---|" * CLICKS]
+    for set_name in next(iter(values.values())):
+        for key in keys:
+            vals = " | ".join(f"{v:.3f}" for v in values[key][set_name])
+            lines.append(f"| {set_name} | {key:g} | {vals} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -127,11 +147,13 @@ def main(argv=None) -> int:
             for r in radii:
                 out = local_oracle_ious(predictor, gt, r * scale, CLICKS)
                 rows[r].append(out["ious"])
-                if r == 0:
+                if r == 0:  # one distance map for the bands and the boundary share
+                    distance = outline_distance(gt)
                     for d in args.outline_band:
-                        band_rows[d].append([outline_fixed_iou(p, gt, d) for p in out["preds"]])
-                    error = out["last"] != gt
-                    near += int((error & near_outline(gt, BOUNDARY_PX * scale)).sum())
+                        band_rows[d].append([outline_fixed_iou(p, gt, d, distance)
+                                             for p in out["preds"]])
+                    error = out["preds"][-1] != gt
+                    near += int((error & (distance <= BOUNDARY_PX * scale)).sum())
                     total += int(error.sum())
         for r in radii:
             results[r][set_name] = np.asarray(rows[r]).mean(axis=0).tolist()
@@ -147,25 +169,16 @@ def main(argv=None) -> int:
         results[r]["whole objects"] = np.asarray(pooled[r]).mean(axis=0).tolist()
     for d in args.outline_band:
         bands[d]["whole objects"] = np.asarray(pooled_bands[d]).mean(axis=0).tolist()
-    lines = [f"click-local oracle on the {args.split} photos ({model.config.image_size} px): "
-             f"mIoU at 1..{CLICKS} clicks; R in model-frame pixels",
-             "| set | R | " + " | ".join(str(k) for k in range(1, CLICKS + 1)) + " |",
-             "|---|---|" + "---|" * CLICKS]
-    for set_name in list(sets) + ["whole objects"]:
-        for r in radii:
-            vals = " | ".join(f"{v:.3f}" for v in results[r][set_name])
-            lines.append(f"| {set_name} | {r:g} | {vals} |")
+    lines = table_lines(f"click-local oracle on the {args.split} photos "
+                        f"({model.config.image_size} px): mIoU at 1..{CLICKS} clicks; R in "
+                        "model-frame pixels", "R", radii, results)
     lines.append("share of the error after the last click within "
                  f"{BOUNDARY_PX} px of the true outline (R = 0): "
                  + ", ".join(f"{s} {v:.2f}" for s, v in boundary_share.items()))
     if args.outline_band:
-        lines += ["", "the model as it is (R = 0) with its error within PX original pixels of "
-                  "the true outline fixed", "| set | PX | " + " | ".join(
-                      str(k) for k in range(1, CLICKS + 1)) + " |", "|---|---|" + "---|" * CLICKS]
-        for set_name in list(sets) + ["whole objects"]:
-            for d in args.outline_band:
-                vals = " | ".join(f"{v:.3f}" for v in bands[d][set_name])
-                lines.append(f"| {set_name} | {d:g} | {vals} |")
+        lines += [""] + table_lines("the model as it is (R = 0) with its error within PX "
+                                    "original pixels of the true outline fixed", "PX",
+                                    args.outline_band, bands)
     write_results(args.out, "\n".join(lines), {
         "radii": radii, "mious": {str(r): v for r, v in results.items()},
         "outline_bands": {str(d): v for d, v in bands.items()},

@@ -569,12 +569,10 @@ def grow_blocks(loaded: dict, fresh: dict) -> dict:
     """`loaded` refiner parameters with the residual blocks that `fresh` (a new refiner's,
     with more --dilations) has beyond them: their norms as initialized, their convolutions at
     zero, so each new block adds nothing and the grown refiner starts as the loaded one. A
-    loaded refiner with as many blocks is returned as it is."""
-    blocks = lambda p: sorted(k for k in p if k.startswith("blocks_"))  # noqa: E731
-    have, want = len(blocks(loaded)), len(blocks(fresh))
-    if have >= want:
-        return loaded
-    grown = dict(loaded)
+    loaded refiner with as many blocks comes back unchanged."""
+    have = sum(k.startswith("blocks_") for k in loaded)
+    want = sum(k.startswith("blocks_") for k in fresh)
+    grown = dict(loaded)  # the loaded dict itself is left as it is
     for i in range(have, want):
         grown[f"norms_{i}"] = fresh[f"norms_{i}"]
         grown[f"blocks_{i}"] = {k: np.zeros_like(v) for k, v in fresh[f"blocks_{i}"].items()}
@@ -585,10 +583,10 @@ def saved_dilations(npz_path: str):
     """The dilations of the refiner config saved beside a refiner's parameters (a run's
     refiner_config.json beside refiner_params.npz; NAME_config.json beside NAME_params.npz),
     or None when there is none."""
-    folder, name = os.path.split(npz_path)
-    stem = name[:-len("_params.npz")] if name.endswith("_params.npz") else None
-    path = os.path.join(folder, f"{stem}_config.json") if stem else None
-    if path is None or not os.path.exists(path):
+    if not npz_path.endswith("_params.npz"):
+        return None
+    path = npz_path[:-len("_params.npz")] + "_config.json"
+    if not os.path.exists(path):
         return None
     with open(path) as f:
         return tuple(json.load(f)["dilations"])
