@@ -14,7 +14,11 @@
 #                                               side-by-side benchmark for vit_h
 #   bash experiments/gpu_session.sh training    the side-by-side benchmark for vit_b, the vit_b
 #                                               bf16 train step with and without block remat
-# (no argument runs both, for a machine without the tool's limit).
+# (no argument runs both, for a machine without the tool's limit), or, where the whole lease is
+# 15 minutes (one start and one call), in one call of timeout_s 590 (limits add up to 560 s):
+#   bash experiments/gpu_session.sh lease       the vit_h benchmark without decode-1, the vit_b
+#                                               bf16 train step; stdout and stderr in one log
+#                                               per step (the tool brings back 8 files at most)
 set -uo pipefail
 OUT=${OUT:-/tmp/sam_jax_gpu}
 mkdir -p "$OUT"
@@ -36,6 +40,20 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND, output to $OUT/NAME.txt
 }
 
 part=${1:-all}
+if [ "$part" = lease ]; then
+    for spec in "benchmark_vit_h 400 experiments/benchmark.py --model vit_h --repeats 5 \
+--tasks encoder,encoder-8,decode-64,amg --out-json $OUT/benchmark_vit_h.json" \
+                "train_vit_b 160 experiments/train_benchmark.py --models vit_b --batch 8 \
+--masks 16 --compute-dtype bfloat16 --steps 5 --out $OUT/train_vit_b_bf16"; do
+        set -- $spec
+        name=$1 limit=$2
+        shift 2
+        echo "== $name ($(date +%T), limit ${limit}s)"
+        timeout "$limit" python3 "$@" >"$OUT/$name.log" 2>&1
+        echo "   exit $? ($(date +%T))"
+        tail -n 25 "$OUT/$name.log"
+    done
+fi
 if [ "$part" = inference ] || [ "$part" = all ]; then
 step attention_vit_h 150 python3 experiments/attention_paths.py --model vit_h --batches 1,8 \
     --repeats 10 --out-json "$OUT/attention_vit_h.json"
