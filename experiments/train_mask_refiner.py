@@ -15,6 +15,11 @@ train on a window around it. Start it from a trained refiner (--init-from NPZ): 
 branch starts at zero, so step 0 is that refiner. --background-click-prob P makes a share P of
 those clicks negative clicks on the background beside the target, error or not (the shipped
 refiner's last stage: a "not this" next to an object must not carve into it).
+--subpixel-output trains a refiner that also writes each cell's 2x2 pixels (MaskRefinerConfig.
+subpixel_output): its loss is taken at the input resolution, against the views' full-size
+masks (--build-data writes them too); clicks are still placed on the refiner's cells. From
+--init-from a refiner without it, that layer starts at zero (step 0 is the loaded refiner,
+upsampled).
 
 Data: the same training views as the head (`default_model_data.py`'s `training_views`,
 regenerated bit for bit from their seeds and checked against the feature cache), their padded
@@ -61,8 +66,9 @@ def halve(masks: np.ndarray) -> np.ndarray:
 
 
 def build_data(cache_dir: str, out: str) -> int:
-    """The cache's views regenerated at its input size: images.npy (N, S, S, 3) uint8 and
-    targets.npy, each slot's mask at S/2 bit-packed along the last axis."""
+    """The cache's views regenerated at its input size: images.npy (N, S, S, 3) uint8,
+    targets.npy, each slot's mask at S/2, and targets_full.npy, at S (for a refiner with
+    subpixel output), both bit-packed along the last axis."""
     from tqdm import tqdm
 
     from default_model_data import cache_image_size, training_views
@@ -79,6 +85,10 @@ def build_data(cache_dir: str, out: str) -> int:
     packed_masks = cache.arrays["masks"]
     images = np.zeros((n, size, size, 3), np.uint8)
     targets = np.zeros((n, packed_masks.shape[1], side, -(-side // 8)), np.uint8)
+    os.makedirs(out, exist_ok=True)
+    # written as it goes: 1.6 GB at 518 px, which need not sit in memory
+    full = np.lib.format.open_memmap(os.path.join(out, "targets_full.npy"), "w+", np.uint8,
+                                     (n, packed_masks.shape[1], size, -(-size // 8)))
     low_res_side = packed_masks.shape[-2]
     views = zip(range(n), training_views(train, size, low_res_side))  # the cached ones
     for i, view in tqdm(views, total=n, desc=f"regenerating views at {size} px"):
@@ -89,7 +99,8 @@ def build_data(cache_dir: str, out: str) -> int:
             raise SystemExit(f"view {i} ({names[i]}): regenerated masks differ from the cache")
         images[i] = view["image"]
         targets[i] = np.packbits(halve(view["full_masks"]), axis=-1)
-    os.makedirs(out, exist_ok=True)
+        full[i] = np.packbits(view["full_masks"], axis=-1)
+    full.flush()
     np.save(os.path.join(out, "images.npy"), images)
     np.save(os.path.join(out, "targets.npy"), targets)
     print(f"wrote {n} views to {out}")
@@ -113,15 +124,23 @@ def views_image_size(data_dir: str) -> int:
 
 class RefinerData:
     """The cache's features and low-res masks with the regenerated images and their targets
-    at the refiner's resolution (`side`, half the input size)."""
+    at the refiner's resolution (`side`, half the input size); with `full_targets` (a refiner
+    with subpixel output) also at the input size (batches' "target_full")."""
 
-    def __init__(self, cache_dir: str, data_dir: str):
+    def __init__(self, cache_dir: str, data_dir: str, full_targets: bool = False):
         from train_default_model import FeatureCache
 
         self.cache = FeatureCache(cache_dir)
         self.cache.rescan()
         self.images = np.load(os.path.join(data_dir, "images.npy"), mmap_mode="r")
         self.targets = np.load(os.path.join(data_dir, "targets.npy"), mmap_mode="r")
+        self.targets_full = None
+        if full_targets:
+            path = os.path.join(data_dir, "targets_full.npy")
+            if not os.path.exists(path):
+                raise SystemExit(f"no {path}: rerun --build-data (a refiner with subpixel "
+                                 "output trains on the full-size masks)")
+            self.targets_full = np.load(path, mmap_mode="r")
         if len(self.images) != len(self.cache):
             raise SystemExit(f"{data_dir} has {len(self.images)} views, the cache "
                              f"{len(self.cache)}: rerun --build-data")
@@ -145,6 +164,8 @@ class RefinerData:
                "masks": np.zeros((b, 1, side, side), bool),
                "boxes": np.zeros((b, 1, 4), np.float32),
                "target": np.zeros((b, self.side, self.side), bool)}
+        if self.targets_full is not None:
+            out["target_full"] = np.zeros((b, self.image_size, self.image_size), bool)
         for row, v in enumerate(views):
             valid = np.flatnonzero(a["mask_valid"][v])
             area = a["area"][v, valid]
@@ -154,6 +175,9 @@ class RefinerData:
             out["masks"][row, 0] = unpack_target(a["masks"][v, k], side)
             out["boxes"][row, 0] = a["boxes"][v, k]
             out["target"][row] = unpack_target(self.targets[v, k], self.side)
+            if self.targets_full is not None:
+                out["target_full"][row] = unpack_target(self.targets_full[v, k],
+                                                        self.image_size)
         out["origin"] = np.stack([crop_origin(t, rng) for t in out["target"]])
         if background:
             every = unpack_target(self.targets[views], self.side)
@@ -162,13 +186,16 @@ class RefinerData:
         return out
 
 
-def inside_image(batch):
-    """(B, side, side) bool, side the targets': the refiner cells over the image, not its
-    padding (jax; traced in the loss, called on host batches in validation)."""
+def inside_image(batch, key: str = "target"):
+    """(B, side, side) bool, side that of the batch's `key` targets ("target": the refiner's
+    cells, "target_full": pixels): the cells over the image, not its padding (jax; traced in
+    the loss, called on host batches in validation)."""
     import jax.numpy as jnp
 
-    half = (jnp.asarray(batch["input_size"]) + 1) // 2
-    r = jnp.arange(batch["target"].shape[-1])
+    side = batch[key].shape[-1]
+    scale = 1 if key == "target_full" else 2  # input pixels per cell
+    half = (jnp.asarray(batch["input_size"]) + scale - 1) // scale
+    r = jnp.arange(side)
     return (r[None, :, None] < half[:, 0, None, None]) & (r[None, None, :]
                                                            < half[:, 1, None, None])
 
@@ -327,8 +354,13 @@ def make_functions(cfg, head_vars, refiner, background_prob: float = 0.0):
             clicks = click_maps(coords[:, None], labels[:, None], (CROP, CROP), origin)
         logits = refiner.apply(variables, feats, coarse[:, None], clicks,
                                method="refine_upsampled")[:, 0]
-        w = crop(inside_image(batch), origin, 1)
-        t = crop(batch["target"], origin, 1).astype(jnp.float32)
+        if refiner.subpixel:  # pixels: the window at 2x, the coarse logits repeated to match
+            w = crop(inside_image(batch, "target_full"), origin, 2)
+            t = crop(batch["target_full"], origin, 2).astype(jnp.float32)
+            coarse = jnp.repeat(jnp.repeat(coarse, 2, axis=-2), 2, axis=-1)
+        else:
+            w = crop(inside_image(batch), origin, 1)
+            t = crop(batch["target"], origin, 1).astype(jnp.float32)
         bce = optax.sigmoid_binary_cross_entropy(logits, t)
         bce = (bce * w).sum((-2, -1)) / jnp.maximum(w.sum((-2, -1)), 1)
         dice = dice_loss(jnp.where(w, logits, -100.0)[:, None], jnp.where(w, t, 0.0)[:, None])
@@ -378,6 +410,11 @@ def main(argv=None) -> int:
                              "clicks on the background within ~10 low-res cells of the target, "
                              "outside every annotated mask of the view, error or not (the head's "
                              "--background-click-prob at the refiner's resolution)")
+    parser.add_argument("--subpixel-output", action="store_true",
+                        help="train a refiner that also writes each cell's 2x2 pixels "
+                             "(MaskRefinerConfig.subpixel_output), its loss at the input "
+                             "resolution; --init-from a refiner without it starts that layer "
+                             "at zero")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
     parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
@@ -420,17 +457,20 @@ def main(argv=None) -> int:
     trained = load_params(params_path) if args.validate or args.export else None
     embedding_input = ("embedding_proj" in trained) if trained else args.embedding_input
     click_input = ("click_in" in trained) if trained else args.click_input
+    subpixel = ("out_subpixel" in trained) if trained else args.subpixel_output
     dilations = tuple(int(d) for d in args.dilations.split(","))
     saved = saved_dilations(args.init_from) if args.init_from else None
     if saved is not None and saved != dilations[:len(saved)]:
         # a grown refiner appends blocks (grow_blocks); the loaded ones keep their dilations
         raise SystemExit(f"--init-from {args.init_from} has blocks dilated {saved}: "
                          f"--dilations {args.dilations} must start with them")
-    refiner_cfg = (read_refiner_config(args.workdir, embedding_input, click_input) if trained
-                   else MaskRefinerConfig(args.width, dilations, embedding_input, click_input))
+    refiner_cfg = (read_refiner_config(args.workdir, embedding_input, click_input, subpixel)
+                   if trained else MaskRefinerConfig(args.width, dilations, embedding_input,
+                                                     click_input, subpixel))
     refiner = MaskRefiner(refiner_cfg.width, refiner_cfg.dilations,
                           embedding_input=refiner_cfg.embedding_input,
-                          click_input=refiner_cfg.click_input)
+                          click_input=refiner_cfg.click_input,
+                          subpixel=refiner_cfg.subpixel_output)
     data_size = views_image_size(args.data)
     if cfg.image_size != data_size:
         # the head would decode features of another grid than the views' images
@@ -438,7 +478,7 @@ def main(argv=None) -> int:
                          f"{args.data} holds {data_size} px views: give a --cache and "
                          f"--data built at {cfg.image_size} px (--build-data), or reuse a "
                          "refiner with --export --refiner-from")
-    data = RefinerData(args.cache, args.data)
+    data = RefinerData(args.cache, args.data, full_targets=subpixel)
     if args.background_click_prob and not click_input:
         raise SystemExit("--background-click-prob places clicks for a refiner that reads them: "
                          "add --click-input")
@@ -461,7 +501,9 @@ def main(argv=None) -> int:
         for start in tqdm(range(0, len(views), 8), desc="validation"):
             chunk = views[start:start + 8]
             batch = data.batch(chunk, rng)
-            inside = np.asarray(inside_image(batch))
+            # the refiner's output resolution: cells, or pixels for a subpixel refiner
+            key = "target_full" if subpixel else "target"
+            inside = np.asarray(inside_image(batch, key))
             for name, prob in prompt_kinds:
                 if click_input:  # prob: the number of corrective clicks
                     low, emb, coords, labels, _, _ = coarse_clicks(
@@ -470,8 +512,9 @@ def main(argv=None) -> int:
                 else:
                     low, emb = coarse(batch, jax.random.key(start), prob)
                     ref = refined(rparams, batch, low, emb)
-                base = iou_at(upsample_logits(low, data.side), batch["target"], inside)
-                ref = iou_at(ref, batch["target"], inside)
+                side = batch[key].shape[-1]
+                base = iou_at(upsample_logits(low, side), batch[key], inside)
+                ref = iou_at(ref, batch[key], inside)
                 for v, b, r in zip(chunk, base, ref):
                     rows.append((str(data.names[v]).split("/")[0], name, b, r))
         clicks_note = ("; corrective clicks placed on the error at the refiner's resolution, as "
@@ -480,7 +523,8 @@ def main(argv=None) -> int:
                  f"{len(views) // 2} training photos never used to train it; one mask a "
                  "view, drawn proportional to sqrt(area); first prompt a point from the mask "
                  f"or a noisy box, as in training{clicks_note}; IoU at the refiner's "
-                 f"{data.side}x{data.side} over the "
+                 f"{data.image_size if subpixel else data.side}x"
+                 f"{data.image_size if subpixel else data.side} over the "
                  f"image). Model: {args.model}, refiner: {params_path}", "",
                  "| views of | prompt | masks | decoder IoU | refined IoU | gain |",
                  "|---|---|---|---|---|---|"]
@@ -510,6 +554,8 @@ def main(argv=None) -> int:
             loaded["embedding_proj"] = rparams["embedding_proj"]  # zeros: the same refiner
         if click_input and "click_in" not in loaded:
             loaded["click_in"] = rparams["click_in"]  # zeros: the same refiner
+        if subpixel and "out_subpixel" not in loaded:
+            loaded["out_subpixel"] = rparams["out_subpixel"]  # zeros: the same, upsampled
         loaded = grow_blocks(loaded, rparams)
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
@@ -628,18 +674,20 @@ def save_params(path: str, params) -> None:
     np.savez(path, **traverse_util.flatten_dict(leaves, sep="/"))
 
 
-def read_refiner_config(workdir: str, embedding_input: bool, click_input: bool = False):
+def read_refiner_config(workdir: str, embedding_input: bool, click_input: bool = False,
+                        subpixel_output: bool = False):
     """The refiner config a training run in `workdir` saved (the default refiner for runs
     from before the file existed); which inputs it reads is said by the run's parameters."""
     from sam_jax.configs import MaskRefinerConfig
 
     path = os.path.join(workdir, "refiner_config.json")
     if not os.path.exists(path):
-        return MaskRefinerConfig(embedding_input=embedding_input, click_input=click_input)
+        return MaskRefinerConfig(embedding_input=embedding_input, click_input=click_input,
+                                 subpixel_output=subpixel_output)
     with open(path) as f:
         saved = json.load(f)
     return MaskRefinerConfig(saved["width"], tuple(saved["dilations"]), embedding_input,
-                             click_input)
+                             click_input, subpixel_output)
 
 
 def load_params(path: str) -> dict:

@@ -111,6 +111,10 @@ class MaskRefinerConfig:
     # the refiner also reads the prompt's clicks (`mask_refiner.click_maps`): False for the
     # refiners trained before it, whose checkpoints have no `click_in`
     click_input: bool = False
+    # the refiner also writes each cell's 2x2 pixels (`mask_refiner.MaskRefiner.subpixel`):
+    # logits at the full input resolution instead of half of it. False for the refiners
+    # trained before it, whose checkpoints have no `out_subpixel`
+    subpixel_output: bool = False
 
     def __post_init__(self):
         if self.width < 1 or not self.dilations or min(self.dilations) < 1:

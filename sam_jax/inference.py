@@ -217,7 +217,8 @@ def refine_low_res(variables: Variables, features: jax.Array, low_res: jax.Array
                    image_index: jax.Array, coords: Optional[jax.Array] = None,
                    labels: Optional[jax.Array] = None, *, config: SamConfig) -> jax.Array:
     """low_res (P, C, 4h, 4w) decoder logits of prompts reading images `image_index` (P,) ->
-    (P, C, S/2, S/2) refined logits over the padded input frame, for `postprocess_masks`.
+    (P, C, s, s) refined logits over the padded input frame (s = S/2, or S for a refiner with
+    `subpixel_output`), for `postprocess_masks`.
     A refiner with `click_input` also reads the prompts' points, `coords` (P, T, 2) and
     `labels` (P, T) in the input frame (without them it sees no click, as for a box alone).
 

@@ -776,3 +776,45 @@ def test_outline_band_fixes_only_the_error_near_the_true_outline():
     # (on the top and bottom rows, 1 px from the outline there)
     assert outline_fixed_iou(pred, gt, 1) == pytest.approx((1600 - 38 - 1) / 1640)
     assert outline_fixed_iou(pred, gt, 30) == 1.0
+
+
+def test_a_subpixel_refiner_trains_on_the_full_size_masks():
+    """train_mask_refiner.py --subpixel-output: the loss reads the window of the full-size
+    target at twice the cell window's origin, over the image's pixels only, and the refiner's
+    logits cover the window's pixels."""
+    import jax
+
+    from sam_jax import configs
+    from sam_jax.modeling.mask_refiner import MaskRefiner
+    from train_mask_refiner import CROP, inside_image, make_functions
+
+    cfg = configs.dinov2_s()
+    size, side, low = cfg.image_size, cfg.image_size // 2, cfg.low_res_size
+    refiner = MaskRefiner(8, (1,), click_input=True, subpixel=True)
+    loss_fn = make_functions(cfg, None, refiner)[3]
+    rng = np.random.default_rng(0)
+    target_full = np.zeros((2, size, size), bool)
+    target_full[0, 101:203, 87:301] = True  # edges on odd pixels: not whole cells
+    target_full[1, 10:50, 10:50] = True
+    batch = {"image": rng.integers(0, 255, (2, size, size, 3)).astype(np.uint8),
+             "input_size": np.array([[size, size], [size - 45, size]], np.int32),
+             "target": np.zeros((2, side, side), bool), "target_full": target_full,
+             "origin": np.array([[40, 30], [side - CROP, 0]], np.int32)}
+    inside = np.asarray(inside_image(batch, "target_full"))
+    assert inside.shape == (2, size, size)
+    assert inside[1].sum() == (size - 45) * size and inside[0].all()
+    assert np.asarray(inside_image(batch))[1].sum() == ((size - 45 + 1) // 2) * side
+    coords = np.array([[[300.0, 200.0]] * 4] * 2, np.float32)
+    labels = np.array([[1, -1, -1, -1]] * 2, np.int32)
+    params = refiner.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32),
+                          np.zeros((1, 1, 16, 16), np.float32), None, coords[:1, None],
+                          labels[:1, None])["params"]
+    low_res = rng.normal(size=(2, low, low)).astype(np.float32)
+    loss, (logits, t, w, coarse) = loss_fn(params, batch, low_res, None, coords, labels)
+    assert np.isfinite(float(loss))
+    assert logits.shape == t.shape == w.shape == coarse.shape == (2, 2 * CROP, 2 * CROP)
+    np.testing.assert_array_equal(np.asarray(t[0]) > 0, target_full[0, 80:80 + 2 * CROP,
+                                                                     60:60 + 2 * CROP])
+    r0 = 2 * (side - CROP)  # the second window ends at the frame's last row: 45 padding rows
+    np.testing.assert_array_equal(np.asarray(w[1]), inside[1, r0:r0 + 2 * CROP, :2 * CROP])
+    assert not np.asarray(w[1])[-45:].any() and np.asarray(w[1])[:-45].all()

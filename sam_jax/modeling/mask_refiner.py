@@ -12,6 +12,13 @@ and the decoder's low-res logits in, a residual on the logits out, at half the i
 The decoder's low-res logits are left as they are (they remain the mask prompt of the next
 click); only the masks a user sees are refined. The last layer starts at zero, so an untrained
 refiner returns the decoder's own (upsampled) logits.
+
+With `subpixel` the refiner also writes each cell's 2x2 input pixels (a sub-pixel convolution,
+as in ESPCN): what is left of the bundled model's error after a few clicks lies mostly within
+1-2 original pixels of the true outline, finer than a cell (3.3 pixels of a DAVIS frame at 518
+px). Its output is the cell logits upsampled 2x plus a per-pixel residual read from the same
+features (whose first convolution saw each cell's pixels); that layer starts at zero too, so a
+refiner given `subpixel` starts as its cell-resolution self, upsampled.
 """
 
 from __future__ import annotations
@@ -59,6 +66,14 @@ def click_maps(coords: jax.Array, labels: jax.Array, shape, origin=None) -> jax.
     return jnp.stack(maps, axis=-1)
 
 
+def depth_to_space(x: jax.Array) -> jax.Array:
+    """(..., h, w, 4) -> (..., 2h, 2w): channel 2 * i + j is pixel (i, j) of its cell."""
+    h, w = x.shape[-3:-1]
+    x = x.reshape(x.shape[:-3] + (h, w, 2, 2))
+    x = jnp.moveaxis(x, -2, -3)  # (..., h, 2, w, 2)
+    return x.reshape(x.shape[:-4] + (2 * h, 2 * w))
+
+
 def upsample_logits(low_res: jax.Array, side: int) -> jax.Array:
     """(..., L, L) -> (..., side, side), bilinear without antialiasing (align_corners=False,
     as `postprocess_masks`)."""
@@ -68,7 +83,8 @@ def upsample_logits(low_res: jax.Array, side: int) -> jax.Array:
 
 class MaskRefiner(nn.Module):
     """(B, S, S, 3) normalized padded images, (B, N, L, L) low-res logits -> (B, N, S/2, S/2)
-    refined logits over the padded input frame (N masks per image share the image branch)."""
+    refined logits over the padded input frame, (B, N, S, S) with `subpixel` (N masks per
+    image share the image branch)."""
 
     width: int = 32
     dilations: tuple[int, ...] = (1, 2, 4, 8, 1)
@@ -79,6 +95,8 @@ class MaskRefiner(nn.Module):
     # the prompt's clicks are read too (`click_maps`): a corrective click near the outline is
     # below the decoder's grid, so only the refiner, at 2 pixels a cell, can honour it
     click_input: bool = False
+    # each cell's 2x2 pixels are written too: logits at the input resolution (module doc)
+    subpixel: bool = False
 
     def setup(self):
         def conv(features, dilation=1, stride=1, zero=False):
@@ -104,6 +122,8 @@ class MaskRefiner(nn.Module):
         self.blocks = [conv(self.width, dilation=d) for d in self.dilations]
         self.out_norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
         self.out = conv(1, zero=True)
+        if self.subpixel:
+            self.out_subpixel = conv(4, zero=True)
 
     def image_features(self, images: jax.Array, embeddings=None) -> jax.Array:
         """(B, S, S, 3) [and the (B, h, w, C) image embeddings over the same padded frame, for
@@ -164,8 +184,13 @@ class MaskRefiner(nn.Module):
             x = x + self.click_in(clicks.reshape((b * n, h, w, -1)).astype(self.dtype))
         for norm, block in zip(self.norms, self.blocks):
             x = x + block(gelu(norm(x)).astype(self.dtype))
-        delta = self.out(gelu(self.out_norm(x)).astype(self.dtype))[..., 0].astype(jnp.float32)
-        return coarse + delta.reshape(b, n, h, w)
+        x = gelu(self.out_norm(x)).astype(self.dtype)
+        cells = coarse + self.out(x)[..., 0].astype(jnp.float32).reshape(b, n, h, w)
+        if not self.subpixel:
+            return cells
+        fine = depth_to_space(self.out_subpixel(x).astype(jnp.float32))
+        up = jax.image.resize(cells, (b, n, 2 * h, 2 * w), "linear", antialias=False)
+        return up + fine.reshape(b, n, 2 * h, 2 * w)
 
     def __call__(self, images: jax.Array, low_res: jax.Array, embeddings=None, coords=None,
                  labels=None) -> jax.Array:

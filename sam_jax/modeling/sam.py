@@ -41,7 +41,8 @@ class Sam(nn.Module):
             self.mask_refiner = MaskRefiner(cfg.mask_refiner.width, cfg.mask_refiner.dilations,
                                             dtype,
                                             embedding_input=cfg.mask_refiner.embedding_input,
-                                            click_input=cfg.mask_refiner.click_input)
+                                            click_input=cfg.mask_refiner.click_input,
+                                            subpixel=cfg.mask_refiner.subpixel_output)
 
     def embed_image(self, images, deterministic: bool = True):
         """(B, S, S, 3) normalized, padded images -> (B, g, g, 256), g = S / patch size. Training passes
@@ -115,7 +116,7 @@ class Sam(nn.Module):
         """refiner_features (B, s, s, width), low_res (B, N, L, L) logits [, the prompts'
         coords (B, T, 2) and labels (B, T) in the input frame, which a refiner with
         `click_input` reads; its N masks share them] -> (B, N, s, s) refined logits over the
-        padded input frame (s = S / 2)."""
+        padded input frame (s = S / 2, or S with `subpixel_output`)."""
         if coords is not None and self.mask_refiner.click_input:
             n = low_res.shape[1]
             coords = jnp.broadcast_to(coords[:, None], (coords.shape[0], n) + coords.shape[1:])
