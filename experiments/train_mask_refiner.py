@@ -415,6 +415,10 @@ def main(argv=None) -> int:
                              "(MaskRefinerConfig.subpixel_output), its loss at the input "
                              "resolution; --init-from a refiner without it starts that layer "
                              "at zero")
+    parser.add_argument("--train-only", action="append", default=[], metavar="NAME",
+                        help="train only the refiner's layers named so (repeatable; e.g. "
+                             "subpixel_hidden and out_subpixel after --init-from a refiner "
+                             "without them): the rest stays as loaded")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write --model with the trained refiner added here and exit")
     parser.add_argument("--refiner-from", default=None, metavar="CKPT_DIR",
@@ -554,17 +558,16 @@ def main(argv=None) -> int:
             loaded["embedding_proj"] = rparams["embedding_proj"]  # zeros: the same refiner
         if click_input and "click_in" not in loaded:
             loaded["click_in"] = rparams["click_in"]  # zeros: the same refiner
-        if subpixel and "out_subpixel" not in loaded:
-            loaded["out_subpixel"] = rparams["out_subpixel"]  # zeros: the same, upsampled
+        if subpixel and "out_subpixel" not in loaded:  # its output layer is zeros: the
+            for name in ("subpixel_hidden", "out_subpixel"):  # same refiner, upsampled
+                loaded[name] = rparams[name]
         loaded = grow_blocks(loaded, rparams)
         if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, rparams):
             raise SystemExit(f"--init-from {args.init_from}: not this refiner's parameters")
         rparams = loaded
     with open(os.path.join(args.workdir, "refiner_config.json"), "w") as f:
         json.dump(dataclasses.asdict(refiner_cfg), f)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.peak_lr, min(50, args.steps // 4),
-                                                 args.steps)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    opt = refiner_optimizer(rparams, args.peak_lr, args.steps, args.train_only)
     opt_state = opt.init(rparams)
 
     @jax.jit
@@ -609,6 +612,26 @@ def main(argv=None) -> int:
     save_params(params_path, rparams)
     print(f"wrote {params_path}")
     return 0
+
+
+def refiner_optimizer(params: dict, peak_lr: float, steps: int, train_only=()):
+    """AdamW on a warmup-cosine schedule with global-norm clipping; with `train_only` (names
+    of top-level layers of the refiner's `params`) every other layer stays as it is (no
+    update, no Adam state). A name that is not a layer is an error, not a silent no-op."""
+    import jax
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak_lr, min(50, steps // 4), steps)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    if not train_only:
+        return opt
+    unknown = sorted(set(train_only) - set(params))
+    if unknown:
+        raise SystemExit(f"--train-only {unknown}: not a layer of this refiner "
+                         f"({sorted(params)})")
+    labels = {k: jax.tree.map(lambda _, k=k: "train" if k in train_only else "frozen", v)
+              for k, v in params.items()}
+    return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
 
 
 def grow_blocks(loaded: dict, fresh: dict) -> dict:

@@ -818,3 +818,29 @@ def test_a_subpixel_refiner_trains_on_the_full_size_masks():
     r0 = 2 * (side - CROP)  # the second window ends at the frame's last row: 45 padding rows
     np.testing.assert_array_equal(np.asarray(w[1]), inside[1, r0:r0 + 2 * CROP, :2 * CROP])
     assert not np.asarray(w[1])[-45:].any() and np.asarray(w[1])[:-45].all()
+
+
+def test_refiner_training_can_train_only_the_named_layers():
+    """train_mask_refiner.py --train-only: the named layers move, the rest keep their values
+    (and get no Adam state); a name that is no layer is refused."""
+    import jax
+    import optax
+
+    from sam_jax.modeling.mask_refiner import MaskRefiner
+    from train_mask_refiner import refiner_optimizer
+
+    refiner = MaskRefiner(8, (1,), subpixel=True)
+    params = refiner.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32),
+                          np.zeros((1, 1, 4, 4), np.float32))["params"]
+    opt = refiner_optimizer(params, 1e-2, 10, ["subpixel_hidden", "out_subpixel"])
+    state = opt.init(params)
+    grads = jax.tree.map(np.ones_like, params)
+    for _ in range(3):
+        updates, state = opt.update(grads, state, params)
+        params_new = optax.apply_updates(params, updates)
+    for name in params:
+        moved = any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(
+            jax.tree.leaves(params_new[name]), jax.tree.leaves(params[name])))
+        assert moved == (name in ("subpixel_hidden", "out_subpixel")), name
+    with pytest.raises(SystemExit, match="not a layer"):
+        refiner_optimizer(params, 1e-2, 10, ["out_subpixels"])

@@ -49,9 +49,10 @@ def test_a_fresh_subpixel_layer_gives_the_cell_logits_upsampled_then_writes_pixe
     old_params = _perturbed(old.init(jax.random.key(2), images, low, None, coords,
                                      labels)["params"], 3)
     fresh = new.init(jax.random.key(4), images, low, None, coords, labels)["params"]
-    assert set(fresh) == set(old_params) | {"out_subpixel"}
+    assert set(fresh) == set(old_params) | {"subpixel_hidden", "out_subpixel"}
     assert not np.asarray(fresh["out_subpixel"]["kernel"]).any()
-    grown = dict(old_params, out_subpixel=fresh["out_subpixel"])
+    grown = dict(old_params, subpixel_hidden=fresh["subpixel_hidden"],
+                 out_subpixel=fresh["out_subpixel"])
     cells = np.asarray(old.apply({"params": old_params}, images, low, None, coords, labels))
     pixels = np.asarray(new.apply({"params": grown}, images, low, None, coords, labels))
     assert cells.shape == (1, 2, 32, 32) and pixels.shape == (1, 2, 64, 64)
@@ -63,10 +64,18 @@ def test_a_fresh_subpixel_layer_gives_the_cell_logits_upsampled_then_writes_pixe
     out = np.asarray(new.apply({"params": biased}, images, low, None, coords, labels))
     np.testing.assert_allclose(out - pixels, np.tile([[1.0, 2.0], [3.0, 4.0]], (32, 32))[None,
                                None].repeat(2, axis=1), rtol=0, atol=1e-5)
-    # and the layer learns: its kernel gets gradients from a per-pixel loss
-    grads = jax.grad(lambda p: (new.apply({"params": p}, images, low, None, coords,
-                                          labels) ** 2).sum())(biased)
-    assert np.abs(np.asarray(grads["out_subpixel"]["kernel"])).sum() > 0
+    # and the branch learns: the output layer gets gradients from a per-pixel loss at once,
+    # the hidden layer once the output layer is no longer zero
+    def grads(p):
+        return jax.grad(lambda p: (new.apply({"params": p}, images, low, None, coords,
+                                             labels) ** 2).sum())(p)
+
+    first = grads(biased)
+    assert np.abs(np.asarray(first["out_subpixel"]["kernel"])).sum() > 0
+    assert not np.asarray(first["subpixel_hidden"]["kernel"]).any()
+    stepped = dict(biased, out_subpixel=dict(biased["out_subpixel"],
+                                             kernel=-1e-3 * first["out_subpixel"]["kernel"]))
+    assert np.abs(np.asarray(grads(stepped)["subpixel_hidden"]["kernel"])).sum() > 0
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ refiner returns the decoder's own (upsampled) logits.
 With `subpixel` the refiner also writes each cell's 2x2 input pixels (a sub-pixel convolution,
 as in ESPCN): what is left of the bundled model's error after a few clicks lies mostly within
 1-2 original pixels of the true outline, finer than a cell (3.3 pixels of a DAVIS frame at 518
-px). Its output is the cell logits upsampled 2x plus a per-pixel residual read from the same
-features (whose first convolution saw each cell's pixels); that layer starts at zero too, so a
-refiner given `subpixel` starts as its cell-resolution self, upsampled.
+px). Its output is the cell logits upsampled 2x plus a per-pixel residual that one more
+convolution and a 4-channel output layer read from the same features (whose first convolution
+saw each cell's pixels); the output layer starts at zero too, so a refiner given `subpixel`
+starts as its cell-resolution self, upsampled.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class MaskRefiner(nn.Module):
         self.out_norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32)
         self.out = conv(1, zero=True)
         if self.subpixel:
+            self.subpixel_hidden = conv(self.width)
             self.out_subpixel = conv(4, zero=True)
 
     def image_features(self, images: jax.Array, embeddings=None) -> jax.Array:
@@ -188,7 +190,8 @@ class MaskRefiner(nn.Module):
         cells = coarse + self.out(x)[..., 0].astype(jnp.float32).reshape(b, n, h, w)
         if not self.subpixel:
             return cells
-        fine = depth_to_space(self.out_subpixel(x).astype(jnp.float32))
+        fine = self.out_subpixel(gelu(self.subpixel_hidden(x)))
+        fine = depth_to_space(fine.astype(jnp.float32))
         up = jax.image.resize(cells, (b, n, 2 * h, 2 * w), "linear", antialias=False)
         return up + fine.reshape(b, n, 2 * h, 2 * w)
 
