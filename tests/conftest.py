@@ -32,6 +32,36 @@ def load_truck(size=None) -> np.ndarray:
     return np.asarray(image)
 
 
+def perturbed(params, seed, scale=0.3):
+    """`params` with every leaf replaced by seeded normal noise times `scale`: a trained-looking
+    layer where a fresh one would start at zero and hide its path."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape)
+                                     for k, x in zip(keys, leaves)])
+
+
+def assert_generator_masks_are_predictor_masks(model, image, points_per_side=3):
+    """Every mask the automatic generator keeps (no filtering) is, within IoU 0.99, one of the
+    predictor's masks for the record's own point: both paths refine the same way."""
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam_jax.predictor import SamPredictor
+
+    gen = SamAutomaticMaskGenerator(model, points_per_side=points_per_side,
+                                    pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                    box_nms_thresh=1.0)
+    records = gen.generate(image)
+    assert len(records) >= 3
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    for r in records:
+        assert r["segmentation"].shape == image.shape[:2]
+        masks, _, _ = predictor.predict(np.array(r["point_coords"]), np.array([1]))
+        ious = [(m & r["segmentation"]).sum() / max((m | r["segmentation"]).sum(), 1)
+                for m in masks]
+        assert max(ious) > 0.99, (r["point_coords"], ious)
+
+
 def call(capsys, *args):
     """`sam_jax.cli.main(args)` in-process -> (status, stdout, stderr)."""
     from sam_jax import cli

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 import sam_jax
-from conftest import load_truck
+from conftest import assert_generator_masks_are_predictor_masks, load_truck, perturbed
 from sam_jax import configs, inference
-from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.configs import MaskRefinerConfig, SamConfig
 from sam_jax.evaluation.edges import EdgeOptions, soft_edges
 from sam_jax.inference import SamModel
@@ -20,12 +19,6 @@ from sam_jax.predictor import SamPredictor
 
 SUBPIXEL = MaskRefinerConfig(width=8, dilations=(1, 2), click_input=True, subpixel_output=True)
 
-
-def _perturbed(params, seed):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape)
-                                     for k, x in zip(keys, leaves)])
 
 
 def test_depth_to_space_puts_channel_2i_plus_j_at_pixel_i_j_of_its_cell():
@@ -46,7 +39,7 @@ def test_a_fresh_subpixel_layer_gives_the_cell_logits_upsampled_then_writes_pixe
     labels = jnp.array([[[1, -1], [0, -1]]])
     old = MaskRefiner(8, (1, 2), click_input=True)
     new = MaskRefiner(8, (1, 2), click_input=True, subpixel=True)
-    old_params = _perturbed(old.init(jax.random.key(2), images, low, None, coords,
+    old_params = perturbed(old.init(jax.random.key(2), images, low, None, coords,
                                      labels)["params"], 3)
     fresh = new.init(jax.random.key(4), images, low, None, coords, labels)["params"]
     assert set(fresh) == set(old_params) | {"subpixel_hidden", "out_subpixel"}
@@ -83,7 +76,7 @@ def subpixel_model():
     cfg = configs.tiny().replace(mask_refiner=SUBPIXEL)
     variables = sam_jax.init_variables(cfg, jax.random.key(0))
     params = dict(variables["params"])
-    params["mask_refiner"] = _perturbed(params["mask_refiner"], 1)
+    params["mask_refiner"] = perturbed(params["mask_refiner"], 1)
     return SamModel(cfg, {"params": params, "buffers": variables["buffers"]})
 
 
@@ -115,18 +108,7 @@ def test_the_predictor_shows_the_refiner_pixel_logits(subpixel_model):
 
 def test_generator_and_soft_edges_take_pixel_logits(subpixel_model):
     image = load_truck((150, 100))
-    gen = SamAutomaticMaskGenerator(subpixel_model, points_per_side=3, pred_iou_thresh=0.0,
-                                    stability_score_thresh=0.0, box_nms_thresh=1.0)
-    records = gen.generate(image)
-    assert len(records) >= 3
-    predictor = SamPredictor(subpixel_model)
-    predictor.set_image(image)
-    for r in records:
-        assert r["segmentation"].shape == image.shape[:2]
-        masks, _, _ = predictor.predict(np.array(r["point_coords"]), np.array([1]))
-        ious = [(m & r["segmentation"]).sum() / max((m | r["segmentation"]).sum(), 1)
-                for m in masks]
-        assert max(ious) > 0.99, (r["point_coords"], ious)
+    assert_generator_masks_are_predictor_masks(subpixel_model, image)
     edges = soft_edges(subpixel_model, image, EdgeOptions(points_per_side=4, edge_nms=False))
     assert edges.edges.shape == image.shape[:2] and edges.num_masks > 0
 
