@@ -159,14 +159,16 @@ def _crop_candidates(variables, features, coords, labels, valid_rows, crop_box, 
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "input_size", "crop_size", "config"))
-def _kept_masks(variables, refiner_features, low_res, index, start, coords, labels, *, chunk,
-                input_size, crop_size, config):
+def _kept_masks(variables, refiner_features, edge_features, low_res, index, start, coords,
+                labels, *, chunk, input_size, crop_size, config):
     """Binary masks (chunk, H, W) at the crop size of candidates index[start:start + chunk]
     and their XYXY boxes; past the end of `index`, repeats of its last entry (the caller drops
     them). With `refiner_features` (a model with a mask refiner) the masks are the refined
     ones: the candidates were chosen on the decoder's masks, what is kept is refined (a
     refiner that reads clicks reads each candidate's prompt, `coords` (R, T, 2) and `labels`
-    (R, T), the prompt rows the candidates' rows come from, masks_per_prompt each)."""
+    (R, T), the prompt rows the candidates' rows come from, masks_per_prompt each). With
+    `edge_features` (a model with an edge stage) the upscaled masks' outlines are sharpened on
+    the crop's own pixels."""
     rows = index[jnp.minimum(start + jnp.arange(chunk), index.shape[0] - 1)]
     logits = low_res[rows]
     if refiner_features is not None:
@@ -174,9 +176,13 @@ def _kept_masks(variables, refiner_features, low_res, index, start, coords, labe
         logits = inference.refine_low_res(variables, refiner_features, logits[:, None],
                                           jnp.zeros((chunk,), jnp.int32), coords[prompt],
                                           labels[prompt], config=config)[:, 0]
+    threshold = config.mask_threshold
     masks = inference.postprocess_masks(logits, input_size=input_size, original_size=crop_size,
                                         image_size=config.image_size,
-                                        threshold=config.mask_threshold)
+                                        threshold=threshold if edge_features is None else None)
+    if edge_features is not None:
+        masks = inference.refine_edges(variables, edge_features, masks[:, None], config=config,
+                                       threshold=threshold)[:, 0]
     return masks, amg.masks_to_boxes(masks)
 
 
@@ -326,7 +332,8 @@ class SamAutomaticMaskGenerator:
         masks_per_prompt = len(found.low_res) // len(row_points)
         rles, kept_boxes = self._kept_rles(found, int(count), crop_box, crop_size, orig_size,
                                            prompts)
-        if self.predictor.refiner_features is not None:
+        if (self.predictor.refiner_features is not None
+                or self.predictor.edge_features is not None):
             boxes = kept_boxes.astype(boxes.dtype)  # the refined masks' own boxes
         data = {"iou_preds": iou[:count], "stability_score": stability[:count],
                 "boxes": boxes[:count] + offset,
@@ -375,7 +382,8 @@ class SamAutomaticMaskGenerator:
         config = self.predictor.model.config
         prompts = jax.device_put(prompts)  # once, not once per chunk
         parts = [_kept_masks(self.predictor.model.variables, self.predictor.refiner_features,
-                             found.low_res, found.index, np.int32(s), *prompts, chunk=chunk,
+                             self.predictor.edge_features, found.low_res, found.index,
+                             np.int32(s), *prompts, chunk=chunk,
                              input_size=self.predictor.input_size, crop_size=tuple(crop_size),
                              config=config)
                  for s in range(0, count, chunk)]

@@ -123,6 +123,22 @@ class MaskRefinerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EdgeRefinerConfig:
+    """A learned edge stage at the original image's resolution (`modeling/edge_refiner.py`;
+    not in the official SAM): a small CNN reading the original image and the shown logits
+    upscaled to its size, adding a residual to those logits. The bundled DINOv2 model's masks
+    go through one; official SAM models have none."""
+
+    width: int = 16
+    dilations: Tuple[int, ...] = (1, 2, 4, 1)
+
+    def __post_init__(self):
+        if self.width < 1 or not self.dilations or min(self.dilations) < 1:
+            raise ValueError(f"EdgeRefinerConfig needs width >= 1 and dilations >= 1, got "
+                             f"width={self.width}, dilations={self.dilations}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
     embed_dim: int = 256
     mask_in_chans: int = 16
@@ -166,6 +182,9 @@ class SamConfig:
     decode_group_size: Optional[int] = None
     # A learned refiner of the masks shown to users (None: the official model's masks).
     mask_refiner: Optional[MaskRefinerConfig] = None
+    # A learned edge stage on the shown masks at the original image size (None: the masks as
+    # upscaled, as the official model's).
+    edge_refiner: Optional[EdgeRefinerConfig] = None
     # Shown masks keep only their 8-connected components that hold a positive click
     # (`sam_jax.utils.clicked_components`; False: the official model's masks).
     keep_clicked_components: bool = False
@@ -233,6 +252,11 @@ class SamConfig:
             refiner = dict(refiner)
             refiner["dilations"] = tuple(refiner.get("dilations", MaskRefinerConfig.dilations))
             d["mask_refiner"] = MaskRefinerConfig(**refiner)
+        edge = d.pop("edge_refiner", None)
+        if edge is not None:
+            edge = dict(edge)
+            edge["dilations"] = tuple(edge.get("dilations", EdgeRefinerConfig.dilations))
+            d["edge_refiner"] = EdgeRefinerConfig(**edge)
         return cls(
             image_encoder=encoder_cls(**enc),
             prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder", {})),

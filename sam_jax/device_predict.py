@@ -120,9 +120,11 @@ def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: Pro
                        return_logits: bool = False, input_size: Optional[Size] = None,
                        original_size: Optional[Size] = None,
                        refiner_features: Optional[jax.Array] = None,
-                       mirrored: Optional[MirroredImages] = None) -> DevicePrediction:
+                       mirrored: Optional[MirroredImages] = None,
+                       edge_features: Optional[jax.Array] = None) -> DevicePrediction:
     """`inference.decode_shown` then, with an output size, `inference.postprocess_masks`
-    (thresholded unless `return_logits`), on a padded `PromptBatch` (numpy or device arrays);
+    [and, with `edge_features`, `inference.refine_edges`] (thresholded unless
+    `return_logits`), on a padded `PromptBatch` (numpy or device arrays);
     returns the outputs of all padded prompts. The code path shared by `predict_on_device` and
     `SamPredictor.predict_batch`; jitted calls, each compiled once per bucket.
 
@@ -139,11 +141,16 @@ def decode_and_upscale(variables: Variables, embeddings: jax.Array, prompts: Pro
         refiner_features=refiner_features if input_size is not None else None,
         mirrored=mirrored)
     masks = None
+    threshold = None if return_logits else config.mask_threshold
     if input_size is not None:
         masks = inference.postprocess_masks(
             shown, input_size=tuple(input_size), original_size=tuple(original_size),
             image_size=config.image_size,
-            threshold=None if return_logits else config.mask_threshold)
+            threshold=threshold if edge_features is None else None)
+        if edge_features is not None:
+            masks = inference.refine_edges(variables, edge_features, masks,
+                                           prompts.image_index, config=config,
+                                           threshold=threshold)
     return DevicePrediction(masks, iou, low_res)
 
 
@@ -168,7 +175,8 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                       original_size: Optional[Size] = None,
                       mesh: Optional[Mesh] = None,
                       refiner_features: Optional[jax.Array] = None,
-                      mirrored: Optional[MirroredImages] = None) -> DevicePrediction:
+                      mirrored: Optional[MirroredImages] = None,
+                      edge_features: Optional[jax.Array] = None) -> DevicePrediction:
     """P prompts against one or more image embeddings, everything on the device.
 
     variables: the model's (replicated on a mesh); embeddings: (N_img, h, w, C) from
@@ -184,7 +192,9 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
     images and their embeddings, for a model with a mask refiner) refines the upscaled masks;
     the low-res logits stay the decoder's. `mirrored` (`inference.mirror_images` of the same
     images), required for and only for a model with `mirror_average`, makes every output the
-    mean over the image and its mirror image. With `mesh` (a `data` axis), the prompts are decoded
+    mean over the image and its mirror image. `edge_features` (`inference.edge_features` of
+    the original images, for a model with an edge stage) sharpens the upscaled masks'
+    outlines on the images' own pixels. With `mesh` (a `data` axis), the prompts are decoded
     data-parallel, the outputs sharded along P. Returns a `DevicePrediction` of jax arrays, P
     rows each.
 
@@ -221,8 +231,12 @@ def predict_on_device(variables: Variables, embeddings: jax.Array,
                    original_size=None if original_size is None else
                    tuple(map(int, original_size)))
     # per-image inputs beside the embeddings, absent ones left out (no None in shard_map)
+    if edge_features is not None and input_size is None:
+        raise ValueError("edge_features refine the upscaled masks: give input_size and "
+                         "original_size too")
     images = {k: v for k, v in (("refiner_features", refiner_features),
-                                ("mirrored", mirrored)) if v is not None}
+                                ("mirrored", mirrored), ("edge_features", edge_features))
+              if v is not None}
     if mesh is None:
         out = decode_and_upscale(variables, embeddings, prompts, **images, **options)
     else:

@@ -212,6 +212,45 @@ def _refiner_features(variables, images, image_embeddings, *, config):
     return Sam(config).apply(variables, images, image_embeddings, method="refiner_features")
 
 
+def edge_features(variables: Variables, images, *, config: SamConfig) -> Optional[jax.Array]:
+    """(H, W, 3) or (B, H, W, 3) RGB images (uint8, or float in [0, 255]) at their ORIGINAL
+    size -> the edge stage's image features (B, H, W, width) on the device
+    (`SamConfig.edge_refiner`), or None for a model without one."""
+    if config.edge_refiner is None:
+        return None
+    images = jnp.asarray(images)
+    return _edge_features(variables, images[None] if images.ndim == 3 else images,
+                          config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _edge_features(variables, images, *, config):
+    mean = jnp.asarray(config.pixel_mean, jnp.float32)
+    std = jnp.asarray(config.pixel_std, jnp.float32)
+    pixels = (images.astype(jnp.float32) - mean) / std
+    return Sam(config).apply(variables, pixels, method="edge_features")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "threshold"))
+def refine_edges(variables: Variables, features: jax.Array, logits: jax.Array,
+                 image_index: Optional[jax.Array] = None, *, config: SamConfig,
+                 threshold: Optional[float] = None) -> jax.Array:
+    """The edge stage on masks at the original size: `edge_features` (N_img, H, W, width),
+    logits (P, C, H, W) from `postprocess_masks` and image_index (P,) (which image each row
+    reads; all the first without it) -> (P, C, H, W) logits, or with `threshold` the masks
+    `logits > threshold`."""
+    if config.edge_refiner is None:
+        raise ValueError("edge features were given for a model without an edge stage "
+                         "(SamConfig.edge_refiner is None)")
+    if features.shape[1:3] != logits.shape[-2:]:
+        raise ValueError(f"edge features of a {features.shape[1]}x{features.shape[2]} image "
+                         f"cannot refine {logits.shape[-2]}x{logits.shape[-1]} masks")
+    if image_index is None:
+        image_index = jnp.zeros(logits.shape[0], jnp.int32)
+    out = Sam(config).apply(variables, features[image_index], logits, method="refine_edges")
+    return out if threshold is None else out > threshold
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def refine_low_res(variables: Variables, features: jax.Array, low_res: jax.Array,
                    image_index: jax.Array, coords: Optional[jax.Array] = None,
@@ -612,11 +651,22 @@ def forward_batched(model: SamModel, batched_input: Sequence[dict],
     for i in range(len(batched_input)):
         rows = np.flatnonzero(index == i)
         logits = low_res[rows]
+        edge = None
+        if config.edge_refiner is not None:
+            # this API gets the image already resized: the edge stage reads it resized back
+            h, w = input_sizes[i]
+            edge = edge_features(model.variables, jax.image.resize(
+                jnp.asarray(images[i][:h, :w]), original_sizes[i] + (3,), "linear"),
+                config=config)
+        masks = postprocess_masks(
+            shown[rows], input_size=tuple(int(v) for v in input_sizes[i]),
+            original_size=original_sizes[i], image_size=size,
+            threshold=config.mask_threshold if edge is None else None)
+        if edge is not None:
+            masks = refine_edges(model.variables, edge, masks, config=config,
+                                 threshold=config.mask_threshold)
         outputs.append({
-            "masks": postprocess_masks(
-                shown[rows], input_size=tuple(int(v) for v in input_sizes[i]),
-                original_size=original_sizes[i], image_size=size,
-                threshold=config.mask_threshold),
+            "masks": masks,
             "iou_predictions": iou[rows],
             "low_res_logits": logits,
         })

@@ -58,6 +58,9 @@ class SamPredictor:
         self.mirrored = inference.mirror_images(
             self.model.variables, prepared.pixels[None], [prepared.input_size[1]],
             config=self.model.config)
+        # a model with an edge stage reads the original image where it sharpens outlines
+        self.edge_features = inference.edge_features(self.model.variables, image,
+                                                     config=self.model.config)
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
         self.is_image_set = True
@@ -72,6 +75,7 @@ class SamPredictor:
         self.features = None
         self.refiner_features = None
         self.mirrored = None
+        self.edge_features = None
         self.original_size = None
         self.input_size = None
 
@@ -170,7 +174,7 @@ class SamPredictor:
             multimask_output=multimask_output, with_masks=bool(prompts.has_mask.any()),
             return_logits=return_logits, input_size=self.input_size,
             original_size=self.original_size, refiner_features=self.refiner_features,
-            mirrored=self.mirrored)
+            mirrored=self.mirrored, edge_features=self.edge_features)
         # The padded batch was upscaled (a fixed shape, so no retrace): drop the padding on
         # the host, where slicing is a view.
         n = prompts.num_prompts
@@ -193,7 +197,8 @@ class SamPredictor:
             config=self.model.config, boxes=boxes, mask_inputs=mask_input,
             multimask_output=multimask_output, return_logits=return_logits,
             refiner_features=self.refiner_features if upscale else None,
-            mirrored=self.mirrored, **(sizes if upscale else {}))
+            mirrored=self.mirrored, edge_features=self.edge_features if upscale else None,
+            **(sizes if upscale else {}))
 
     def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = True,

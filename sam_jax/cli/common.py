@@ -110,9 +110,9 @@ def add_mirror_average(parser) -> None:
 def model_name(config) -> str:
     """The preset a config is ("vit_b", ..., "tiny", "mini", "dinov2_s"), else "custom";
     runtime choices (compute dtype, attention implementation, chunk sizes) do not count, nor
-    does a mask refiner on top (the bundled dinov2_s has one), keeping only clicked
-    components (so does the bundled model), averaging over the mirror image, or a DINOv2
-    encoder's input size (the bundled one runs at 518 px), as in `preset_name`."""
+    does a mask refiner or an edge stage on top (the bundled dinov2_s has a refiner), keeping
+    only clicked components (so does the bundled model), averaging over the mirror image, or
+    a DINOv2 encoder's input size (the bundled one runs at 518 px), as in `preset_name`."""
     from ..configs import get_config, weights_neutral
 
     for name in PRESETS:
@@ -121,6 +121,7 @@ def model_name(config) -> str:
                        attention_chunk_size=preset.attention_chunk_size,
                        decode_group_size=preset.decode_group_size,
                        mask_refiner=preset.mask_refiner,
+                       edge_refiner=preset.edge_refiner,
                        keep_clicked_components=preset.keep_clicked_components,
                        mirror_average=preset.mirror_average,
                        image_encoder=weights_neutral(config.image_encoder))

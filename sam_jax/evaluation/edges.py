@@ -171,12 +171,14 @@ def merge_edges(edges: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config", "input_size", "original_size",
                                              "stats_group", "chunk", "boundary"))
 def _soft_edges(variables, features, coords, labels, valid_rows, nms_thresh, refiner_features,
-                *, config, input_size, original_size, stats_group, chunk, boundary):
+                edge_features, *, config, input_size, original_size, stats_group, chunk,
+                boundary):
     """coords (B, P, T, 2), labels (B, P, T): B batches of P single-point prompts (model
     frame); valid_rows (B * P,): rows that are grid points. Returns the normalized pixel-wise
     max of the kept masks' edge strengths (H, W) and the number of kept masks. With
     `refiner_features` (a model with a mask refiner) the kept masks' edges are taken from
-    their refined logits, as the generator's kept masks are."""
+    their refined logits, as the generator's kept masks are, and with `edge_features` (a
+    model with an edge stage) after it."""
     p = coords.shape[1]
     threshold = config.mask_threshold
     upscale = functools.partial(inference.postprocess_masks, input_size=input_size,
@@ -215,6 +217,9 @@ def _soft_edges(variables, features, coords, labels, valid_rows, nms_thresh, ref
                                             jnp.zeros((chunk,), jnp.int32), prompt_coords[prompt],
                                             prompt_labels[prompt], config=config)[:, 0]
         logits = upscale(kept)
+        if edge_features is not None:
+            logits = inference.refine_edges(variables, edge_features, logits[:, None],
+                                            config=config)[:, 0]
         edges = sobel_edges(jax.nn.sigmoid(logits), logits > threshold, boundary)
         edges = jnp.where((slots < count)[:, None, None], edges, 0.0)
         return start + chunk, jnp.maximum(acc, jnp.max(edges, axis=0))
@@ -257,7 +262,8 @@ def soft_edges(model: SamModel, image: np.ndarray, options: EdgeOptions = EdgeOp
     edges, count = _soft_edges(
         model.variables, predictor.features, np.stack([b.coords for b in batches]),
         np.stack([b.labels for b in batches]), valid_rows, np.float32(options.nms_thresh),
-        predictor.refiner_features, config=config, input_size=predictor.input_size, original_size=(h, w),
+        predictor.refiner_features, predictor.edge_features, config=config,
+        input_size=predictor.input_size, original_size=(h, w),
         stats_group=plan.stats_group, chunk=int(plan.mask_chunk), boundary=options.boundary)
     edges, count = jax.device_get((edges, count))
     return SoftEdges(np.asarray(edges, np.float32), int(count))

@@ -12,6 +12,7 @@ import flax.linen as nn
 from ..configs import Dinov2EncoderConfig, SamConfig
 from .dinov2_encoder import Dinov2ImageEncoder
 from .image_encoder import ImageEncoderViT
+from .edge_refiner import EdgeRefiner
 from .mask_decoder import MaskDecoder
 from .mask_refiner import MaskRefiner
 from .prompt_encoder import PromptEncoder
@@ -43,6 +44,9 @@ class Sam(nn.Module):
                                             embedding_input=cfg.mask_refiner.embedding_input,
                                             click_input=cfg.mask_refiner.click_input,
                                             subpixel=cfg.mask_refiner.subpixel_output)
+        if cfg.edge_refiner is not None:
+            self.edge_refiner = EdgeRefiner(cfg.edge_refiner.width, cfg.edge_refiner.dilations,
+                                            dtype)
 
     def embed_image(self, images, deterministic: bool = True):
         """(B, S, S, 3) normalized, padded images -> (B, g, g, 256), g = S / patch size. Training passes
@@ -125,6 +129,16 @@ class Sam(nn.Module):
             coords = labels = None
         return self.mask_refiner.refine(refiner_features, low_res, coords, labels)
 
+    def edge_features(self, images):
+        """(B, H, W, 3) normalized images at their original size (unpadded) -> the edge
+        stage's image features (B, H, W, width), computed once per image."""
+        return self.edge_refiner.image_features(images)
+
+    def refine_edges(self, edge_features, logits):
+        """edge_features (B, H, W, width), logits (B, N, H, W) at the original size -> (B, N,
+        H, W) logits with the edge stage's residual added."""
+        return self.edge_refiner.refine(edge_features, logits)
+
     def __call__(self, images, coords, labels, mask_inputs):
         """Every stage once (a mask prompt and the no-mask embedding): creates all variables."""
         emb = self.embed_image(images)
@@ -135,4 +149,8 @@ class Sam(nn.Module):
         if self.config.mask_refiner is not None:
             self.refine_masks(self.refiner_features(images, emb), out[0][:images.shape[0]],
                               coords[:images.shape[0]], labels[:images.shape[0]])
+        if self.config.edge_refiner is not None:
+            # over the images' pixels, as at the original size (only the shapes matter here)
+            self.refine_edges(self.edge_features(images),
+                              jnp.zeros((images.shape[0], 1) + images.shape[1:3]))
         return out

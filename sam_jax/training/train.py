@@ -73,15 +73,17 @@ def _prepare_data_here(cfg: TrainConfig):
 
 
 def _keep_refiner(cfg: TrainConfig, config) -> TrainConfig:
-    """A starting checkpoint with a mask refiner (the bundled model) keeps it, frozen: the
-    training loss never reads it (it shapes the masks users see, not the decoder's), and the
-    exported model should show refined masks as the checkpoint did."""
-    if config.mask_refiner is None or cfg.model.mask_refiner is not None:
-        return cfg
-    print(f"{cfg.init_from}: keeping its mask refiner, frozen", flush=True)
-    return dataclasses.replace(
-        cfg, model=cfg.model.replace(mask_refiner=config.mask_refiner),
-        optim=dataclasses.replace(cfg.optim, freeze=tuple(cfg.optim.freeze) + ("mask_refiner",)))
+    """A starting checkpoint with a mask refiner or an edge stage (the bundled model) keeps
+    them, frozen: the training loss never reads them (they shape the masks users see, not the
+    decoder's), and the exported model should show refined masks as the checkpoint did."""
+    for field in ("mask_refiner", "edge_refiner"):
+        if getattr(config, field) is None or getattr(cfg.model, field) is not None:
+            continue
+        print(f"{cfg.init_from}: keeping its {field.replace('_', ' ')}, frozen", flush=True)
+        cfg = dataclasses.replace(
+            cfg, model=cfg.model.replace(**{field: getattr(config, field)}),
+            optim=dataclasses.replace(cfg.optim, freeze=tuple(cfg.optim.freeze) + (field,)))
+    return cfg
 
 
 def _keep_input_size(cfg: TrainConfig, config) -> TrainConfig:
