@@ -13,7 +13,7 @@ from PIL import Image
 
 import sam_jax
 from sam_jax import cli
-from sam_jax.configs import MaskRefinerConfig
+from sam_jax.configs import EdgeRefinerConfig, MaskRefinerConfig
 from sam_jax.evaluation.clicks import farthest_from_boundary, mask_iou, next_click
 from sam_jax.training.evaluate import evaluate_clicks
 
@@ -56,11 +56,13 @@ def test_bundled_model_loads_and_is_small(model):
     assert _size_mb(sam_jax.DEFAULT_CHECKPOINT) < 45
     # the dinov2_s architecture with the learned mask refiner on top, run at 518 px (DINOv2's
     # own 37x37 grid; the preset's 448 px is what the head was first trained at); its masks
-    # keep only the parts connected to a positive click; the refiner reads the clicks too
+    # keep only the parts connected to a positive click; the refiner reads the clicks too; an
+    # edge stage sharpens the outlines on the original image's pixels
     preset = sam_jax.get_config("dinov2_s")
     assert model.config == preset.replace(
         image_encoder=dataclasses.replace(preset.image_encoder, img_size=518),
-        mask_refiner=MaskRefinerConfig(click_input=True), keep_clicked_components=True)
+        mask_refiner=MaskRefinerConfig(click_input=True), keep_clicked_components=True,
+        edge_refiner=EdgeRefinerConfig())
     assert (model.config.image_embedding_size, model.config.low_res_size) == (37, 148)
     # a DINOv2 encoder's input size does not change its weights: still the dinov2_s preset
     # (SAM's ViT stores a position table per grid: another size is another model)

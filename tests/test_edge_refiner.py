@@ -18,7 +18,7 @@ from sam_jax import configs, device_predict, inference
 from sam_jax.configs import EdgeRefinerConfig, MaskRefinerConfig, SamConfig
 from sam_jax.evaluation.edges import EdgeOptions, soft_edges
 from sam_jax.inference import SamModel
-from sam_jax.modeling.edge_refiner import EdgeRefiner
+from sam_jax.modeling.edge_refiner import BAND, MAX_RESIDUAL, EdgeRefiner
 from sam_jax.predictor import SamPredictor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -41,6 +41,30 @@ def test_a_fresh_stage_returns_the_logits_and_reads_only_its_radius():
     moved = np.asarray(net.apply(params, images.at[0, 20, 20].add(5.0), logits))
     changed = np.argwhere(np.abs(moved - out).max(axis=(0, 1)) > 0)
     assert len(changed) and np.abs(changed - 20).max() == net.radius
+
+
+def test_the_stage_changes_only_pixels_near_the_shown_outline():
+    """However large its weights, the bounded residual reaches only the pixels within BAND of
+    the shown outline: the stage moves outlines, it does not add or remove regions."""
+    from scipy import ndimage
+
+    net = EdgeRefiner(4, (1, 2))
+    images = 3 * jax.random.normal(jax.random.key(0), (1, 40, 40, 3))
+    yy, xx = np.mgrid[:40, :40]
+    logits = np.stack([8.0 - np.hypot(yy - 20, xx - 18), np.hypot(yy - 10, xx - 30) - 6.0])
+    logits = jnp.asarray(logits, jnp.float32)[None]
+    params = {"params": perturbed(net.init(jax.random.key(2), images, logits)["params"], 3,
+                                  scale=30.0)}
+    out = np.asarray(net.apply(params, images, logits))[0]
+    logits = np.asarray(logits)[0]
+    assert np.abs(out - logits).max() <= MAX_RESIDUAL + 1e-5
+    for shown, moved in zip(logits > 0, out != logits):
+        assert moved.any()
+        # Chebyshev distance of each pixel to the nearest pixel on the other side
+        far = np.where(shown, ndimage.distance_transform_cdt(shown, "chessboard"),
+                       ndimage.distance_transform_cdt(~shown, "chessboard"))
+        assert far[moved].max() <= BAND
+        assert (far <= BAND).sum() < 0.5 * far.size  # the band is not the whole image
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +173,7 @@ def step_edge_patches(count, size, rng):
     image = np.where(truth[..., None], 200, 40).astype(np.uint8)
     image = np.broadcast_to(image, (count, size, size, 3))
     shift = rng.choice([-3, -2, -1, 1, 2, 3], count)[:, None, None]
-    logits = np.broadcast_to(2.0 * (cols[:, None, None] + shift - x - 0.5),
+    logits = np.broadcast_to(1.0 * (cols[:, None, None] + shift - x - 0.5),
                              (count, size, size))
     return image, logits.astype(np.float16), truth
 

@@ -6,8 +6,10 @@ original image (a refiner cell is 3.3 pixels of an 854 px DAVIS frame at 518 px)
 logits upscaled to the original size put the outline between cells; the image's own pixels say
 where the edge really is. So a small convolutional network reads the original image (normalized
 as the encoder's input) and the upscaled logits and adds a residual to those logits. Its output
-layer starts at zero, so an untrained stage returns the logits unchanged, and its receptive
-field is a few pixels (radius 2 + sum of the dilations), so it moves outlines, not objects.
+layer starts at zero, so an untrained stage returns the logits unchanged; its receptive field
+is a few pixels (radius 2 + sum of the dilations), and its residual is bounded and applied
+only within `BAND` pixels of the shown outline (`outline_band`), so it moves outlines by a few
+pixels and never adds or removes whole regions.
 
 The image's contribution to the first layer is computed once per image (`image_features`); each
 mask then costs a few 3x3 convolutions of `width` channels over its pixels.
@@ -23,7 +25,27 @@ from .common import gelu
 
 # logits enter the network squashed: only the few units around the outline carry detail
 LOGIT_SCALE = 4.0
+# the residual is bounded by this and applied only within BAND pixels of the shown outline, so
+# the stage moves outlines by at most BAND pixels and cannot add or remove regions away from
+# them (a first stage without the band, trained on outline patches, added whole background
+# areas of DAVIS frames whose logits sat just below the threshold)
+MAX_RESIDUAL = 8.0
+BAND = 3
 
+
+def outline_band(logits: jax.Array, radius: int = BAND) -> jax.Array:
+    """(..., H, W) logits -> (..., H, W) bool: the pixels within `radius` (Chebyshev
+    distance) of a pixel on the other side of the threshold (a max filter of each side, as two
+    1-D passes)."""
+    def grow(x):
+        window = (1,) * (x.ndim - 2) + (2 * radius + 1, 1)
+        pad = [(0, 0)] * (x.ndim - 2) + [(radius, radius), (0, 0)]
+        x = jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, pad)
+        window, pad = window[:-2] + window[-1:] + window[-2:-1], pad[:-2] + pad[-1:] + pad[-2:-1]
+        return jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, pad)
+
+    inside = (logits > 0).astype(jnp.float32)
+    return (grow(inside) > 0) & (grow(1.0 - inside) > 0)
 
 class EdgeRefiner(nn.Module):
     """image_features (B, H, W, width) of normalized images, logits (B, N, H, W) over the same
@@ -63,7 +85,9 @@ class EdgeRefiner(nn.Module):
         for block in self.blocks:
             x = x + gelu(block(x))
         residual = self.out(x)[..., 0].astype(jnp.float32).reshape(b, n, h, w)
-        return logits.astype(jnp.float32) + residual
+        logits = logits.astype(jnp.float32)
+        bounded = MAX_RESIDUAL * jnp.tanh(residual / MAX_RESIDUAL)
+        return logits + jnp.where(outline_band(logits), bounded, 0.0)
 
     def __call__(self, images: jax.Array, logits: jax.Array) -> jax.Array:
         return self.refine(self.image_features(images), logits)
