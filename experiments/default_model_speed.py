@@ -1,7 +1,8 @@
 """What a user of the bundled model waits for on this machine: the CLI's first mask (a fresh
 process: imports, loading, compiling, embedding, decoding, writing), the image embedding, one
-click's decode through `SamPredictor.predict` (also with the opt-in averaging over the mirror
-image: --mirror-average), and the automatic generator on the truck.
+click's decode through `SamPredictor.predict` (also without the bundled model's edge stage, and
+with the opt-in averaging over the mirror image: --mirror-average), and the automatic generator
+on the truck.
 
     python experiments/default_model_speed.py [--checkpoint DIR] [--mirror-average] \
         [--out experiments/results/default_model_speed_cpu.txt]
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     model = sam_jax.load(args.checkpoint)
     image = np.asarray(Image.open(TRUCK).convert("RGB"))
     rows += interactive_rows(model, image, args.clicks)
+    if model.config.edge_refiner is not None:  # what the edge stage costs, same process
+        rows += interactive_rows(model.with_config(edge_refiner=None), image, args.clicks,
+                                 " without the edge stage")
     if args.mirror_average:  # the opt-in averaging over the mirror image, same process
         rows += interactive_rows(model.with_config(mirror_average=True), image, args.clicks,
                                  " with mirror averaging")

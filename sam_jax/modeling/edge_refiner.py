@@ -35,17 +35,20 @@ BAND = 3
 
 def outline_band(logits: jax.Array, radius: int = BAND) -> jax.Array:
     """(..., H, W) logits -> (..., H, W) bool: the pixels within `radius` (Chebyshev
-    distance) of a pixel on the other side of the threshold (a max filter of each side, as two
-    1-D passes)."""
-    def grow(x):
-        window = (1,) * (x.ndim - 2) + (2 * radius + 1, 1)
-        pad = [(0, 0)] * (x.ndim - 2) + [(radius, radius), (0, 0)]
-        x = jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, pad)
-        window, pad = window[:-2] + window[-1:] + window[-2:-1], pad[:-2] + pad[-1:] + pad[-2:-1]
-        return jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, pad)
-
+    distance) of a pixel on the other side of the threshold (0, the masks' threshold)."""
     inside = (logits > 0).astype(jnp.float32)
-    return (grow(inside) > 0) & (grow(1.0 - inside) > 0)
+    return (_max_filter(inside, radius) > 0) & (_max_filter(1.0 - inside, radius) > 0)
+
+
+def _max_filter(x: jax.Array, radius: int) -> jax.Array:
+    """The max over the (2 radius + 1)^2 square around each pixel of (..., H, W) values in
+    [0, 1], as two 1-D passes (outside the image counts as 0)."""
+    lead = (1,) * (x.ndim - 2)
+    for window in ((2 * radius + 1, 1), (1, 2 * radius + 1)):
+        pad = [(0, 0)] * (x.ndim - 2) + [((w - 1) // 2, (w - 1) // 2) for w in window]
+        x = jax.lax.reduce_window(x, 0.0, jax.lax.max, lead + window, (1,) * x.ndim, pad)
+    return x
+
 
 class EdgeRefiner(nn.Module):
     """image_features (B, H, W, width) of normalized images, logits (B, N, H, W) over the same
