@@ -199,8 +199,10 @@ def head_from(ckpt_dir: str, cfg, like: dict) -> dict:
         raise SystemExit(f"--init-from {ckpt_dir}: its image encoder is not this script's "
                          f"({saved_cfg.image_encoder} vs {cfg.image_encoder})")
     head = jax.device_get(head_params(variables["params"]))
-    # a mask refiner (train_mask_refiner.py) is not part of what this script trains
+    # a mask refiner (train_mask_refiner.py) or an edge stage (train_edge_refiner.py) is not
+    # part of what this script trains
     head.pop("mask_refiner", None)
+    head.pop("edge_refiner", None)
     if enc.detail_layer and not saved_cfg.image_encoder.detail_layer:
         head["image_encoder"]["neck.detail"] = like["image_encoder"]["neck.detail"]
     elif saved_cfg.image_encoder.detail_layer != enc.detail_layer:
