@@ -247,7 +247,7 @@ def refine_edges(variables: Variables, features: jax.Array, logits: jax.Array,
                          f"cannot refine {logits.shape[-2]}x{logits.shape[-1]} masks")
     if image_index is None:
         image_index = jnp.zeros(logits.shape[0], jnp.int32)
-    out = Sam(config).apply(variables, features[image_index], logits, method="refine_edges")
+    out = Sam(config).apply(variables, features, logits, image_index, method="refine_edges")
     return out if threshold is None else out > threshold
 
 

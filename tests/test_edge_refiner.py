@@ -18,7 +18,7 @@ from sam_jax import configs, device_predict, inference
 from sam_jax.configs import EdgeRefinerConfig, MaskRefinerConfig, SamConfig
 from sam_jax.evaluation.edges import EdgeOptions, soft_edges
 from sam_jax.inference import SamModel
-from sam_jax.modeling.edge_refiner import BAND, MAX_RESIDUAL, EdgeRefiner
+from sam_jax.modeling.edge_refiner import BAND, MAX_RESIDUAL, EdgeRefiner, tiles_per_step
 from sam_jax.predictor import SamPredictor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -65,6 +65,42 @@ def test_the_stage_changes_only_pixels_near_the_shown_outline():
                        ndimage.distance_transform_cdt(~shown, "chessboard"))
         assert far[moved].max() <= BAND
         assert (far <= BAND).sum() < 0.5 * far.size  # the band is not the whole image
+
+
+@pytest.mark.parametrize("tile,steps", [(16, 1), (16, 5), (16, tiles_per_step("cpu")),
+                                        (16, tiles_per_step("gpu")), (7, 3)])
+def test_the_tiled_stage_equals_the_dense_stage(tile, steps):
+    """`refine_tiles` (what inference runs: only the tiles around the outlines) gives the dense
+    network's logits: tiles cut by the image's border, outlines touching it, masks without an
+    outline, masks reading different images, and loops of one, several and a partly filled
+    last step (the CPU's and the accelerator's step sizes both)."""
+    net = EdgeRefiner(4, (1, 2))
+    h, w = 45, 53
+    images = jax.random.normal(jax.random.key(0), (2, h, w, 3))
+    yy, xx = np.mgrid[:h, :w]
+    logits = jnp.asarray(np.stack([
+        8.0 - np.hypot(yy - 20, xx - 18),       # inside
+        np.hypot(yy - 3, xx - 50) - 6.0,        # cut by the top and right borders
+        -np.ones((h, w)), np.ones((h, w)),      # no outline
+        3.0 * np.sin(yy / 4.0) * np.cos(xx / 5.0),  # many outlines
+    ]), jnp.float32)
+    image_index = jnp.array([0, 1, 1, 0, 1])
+    params = {"params": perturbed(net.init(jax.random.key(2), images[:1], logits[None])["params"],
+                                  3)}
+    features = net.apply(params, images, method="image_features")
+    dense = np.concatenate([np.asarray(net.apply(params, features[i][None], logits[j][None, None],
+                                                 method="refine"))[0]
+                            for j, i in enumerate(np.asarray(image_index))])
+    tiled = np.asarray(net.apply(params, features, logits, image_index, tile=tile,
+                                 tiles_per_step=steps, method="refine_tiles"))
+    np.testing.assert_allclose(tiled, dense, rtol=0, atol=1e-5)
+    moved = np.abs(dense - np.asarray(logits))
+    assert moved[0].max() > 0.5 and moved[1].max() > 0.5 and moved[4].max() > 0.5
+    assert moved[1][:, -1].max() > 0.1  # changed up to the border the outline touches
+    assert moved[2].max() == 0 and moved[3].max() == 0
+    # tiles of the same mask reading the wrong image would differ
+    assert np.abs(dense[4] - np.asarray(net.apply(
+        params, features[0][None], logits[4][None, None], method="refine"))[0]).max() > 0.1
 
 
 @pytest.fixture(scope="module")

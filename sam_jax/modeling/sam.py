@@ -6,13 +6,14 @@ per stage so each stage can be applied (and jitted) on its own:
 `embed_image`, `encode_prompts`, `encode_tokens`, `dense_pe`, `decode`.
 """
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from ..configs import Dinov2EncoderConfig, SamConfig
 from .dinov2_encoder import Dinov2ImageEncoder
 from .image_encoder import ImageEncoderViT
-from .edge_refiner import EdgeRefiner
+from .edge_refiner import EdgeRefiner, tiles_per_step
 from .mask_decoder import MaskDecoder
 from .mask_refiner import MaskRefiner
 from .prompt_encoder import PromptEncoder
@@ -134,10 +135,15 @@ class Sam(nn.Module):
         stage's image features (B, H, W, width), computed once per image."""
         return self.edge_refiner.image_features(images)
 
-    def refine_edges(self, edge_features, logits):
-        """edge_features (B, H, W, width), logits (B, N, H, W) at the original size -> (B, N,
-        H, W) logits with the edge stage's residual added."""
-        return self.edge_refiner.refine(edge_features, logits)
+    def refine_edges(self, edge_features, logits, image_index):
+        """edge_features (I, H, W, width) of I images, logits (B, N, H, W) at the original size
+        and image_index (B,) (the image each row reads) -> (B, N, H, W) logits with the edge
+        stage's residual added (computed on the tiles around the outlines only)."""
+        b, n, h, w = logits.shape
+        out = self.edge_refiner.refine_tiles(
+            edge_features, logits.reshape(b * n, h, w), jnp.repeat(image_index, n),
+            tiles_per_step=tiles_per_step(jax.default_backend()))
+        return out.reshape(b, n, h, w)
 
     def __call__(self, images, coords, labels, mask_inputs):
         """Every stage once (a mask prompt and the no-mask embedding): creates all variables."""
@@ -151,6 +157,7 @@ class Sam(nn.Module):
                               coords[:images.shape[0]], labels[:images.shape[0]])
         if self.config.edge_refiner is not None:
             # over the images' pixels, as at the original size (only the shapes matter here)
-            self.refine_edges(self.edge_features(images),
-                              jnp.zeros((images.shape[0], 1) + images.shape[1:3]))
+            # (the dense network: the tiled one reads the weights this creates)
+            self.edge_refiner.refine(self.edge_features(images),
+                                     jnp.zeros((images.shape[0], 1) + images.shape[1:3]))
         return out
