@@ -5,7 +5,7 @@ with the opt-in averaging over the mirror image: --mirror-average), and the auto
 on the truck.
 
     python experiments/default_model_speed.py [--checkpoint DIR] [--mirror-average] \
-        [--out experiments/results/default_model_speed_cpu.txt]
+        [--also PHOTO ...] [--out experiments/results/default_model_speed_cpu.txt]
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ def interactive_rows(model, image, clicks: int, label: str = "") -> list:
     points = np.array([[500, 375]], np.float32)
     predictor.predict(point_coords=points, point_labels=np.array([1]), multimask_output=True)
     for _ in range(clicks):
-        xy = np.array([[rng.integers(0, 1800), rng.integers(0, 1200)]], np.float32)
+        xy = np.array([[rng.integers(0, image.shape[1]), rng.integers(0, image.shape[0])]],
+                      np.float32)
         start = time.perf_counter()
         predictor.predict(point_coords=xy, point_labels=np.array([1]), multimask_output=True)
         seconds.append(time.perf_counter() - start)
-    rows.append((f"one click{label} (predict, 3 masks at 1800x1200), median of {clicks}",
+    size = f"{image.shape[1]}x{image.shape[0]}"
+    rows.append((f"one click{label} (predict, 3 masks at {size}), median of {clicks}",
                  float(np.median(seconds))))
     rows.append((f"one click{label}, 95th percentile of {clicks}",
                  float(np.percentile(seconds, 95))))
@@ -63,6 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clicks", type=int, default=30)
     parser.add_argument("--mirror-average", action="store_true",
                         help="also time set_image and a click with SamConfig.mirror_average")
+    parser.add_argument("--also", nargs="*", default=[],
+                        help="more photos to time set_image and a click on (with and without "
+                        "the edge stage; the CLI and the generator run on the truck only)")
     parser.add_argument("--out", default="experiments/results/default_model_speed_cpu.txt")
     args = parser.parse_args(argv)
 
@@ -88,6 +93,13 @@ def main(argv=None) -> int:
     if model.config.edge_refiner is not None:  # what the edge stage costs, same process
         rows += interactive_rows(model.with_config(edge_refiner=None), image, args.clicks,
                                  " without the edge stage")
+    for path in args.also:
+        other = np.asarray(Image.open(path).convert("RGB"))
+        name = f" on {os.path.basename(path)}"
+        rows += interactive_rows(model, other, args.clicks, name)
+        if model.config.edge_refiner is not None:
+            rows += interactive_rows(model.with_config(edge_refiner=None), other, args.clicks,
+                                     name + " without the edge stage")
     if args.mirror_average:  # the opt-in averaging over the mirror image, same process
         rows += interactive_rows(model.with_config(mirror_average=True), image, args.clicks,
                                  " with mirror averaging")

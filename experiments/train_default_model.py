@@ -418,7 +418,10 @@ def main(argv=None) -> int:
 
 def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | None,
            quantized: bool = True, thresholds_json: str | None = None,
-           source_note: str = "") -> int:
+           source_note: str = "", generator_defaults: dict | None = None) -> int:
+    """The bundled model's files in `out_dir`; the generator's thresholds from
+    `thresholds_json` (written by the threshold search) or `generator_defaults` (a model's
+    own, kept when only a later stage is retrained)."""
     import jax
 
     from sam_jax.checkpoints import save_converted
@@ -439,9 +442,10 @@ def export(cfg, trained: dict, buffers: dict, out_dir: str, onnx_path: str | Non
                           "head trained by experiments/train_default_model.py" + source_note}
     if thresholds_json:
         with open(thresholds_json) as f:
-            chosen = json.load(f)
-        metadata["generator_defaults"] = {k: chosen[k] for k in ("pred_iou_thresh",
-                                                                 "stability_score_thresh")}
+            generator_defaults = json.load(f)
+    if generator_defaults:
+        metadata["generator_defaults"] = {k: generator_defaults[k]
+                                          for k in ("pred_iou_thresh", "stability_score_thresh")}
     # the backbone in its own file, byte-identical from one export to the next: a new head
     # costs the repository's history the head alone
     save_converted(variables, cfg, out_dir, overwrite=True, metadata=metadata,

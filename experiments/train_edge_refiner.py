@@ -270,8 +270,6 @@ def with_edge_stage(model, workdir: str):
 def export_model(args) -> int:
     """--model with the edge stage trained in --workdir, written as the bundled model is (the
     backbone re-imported from the ONNX file, int8; the generator thresholds kept)."""
-    import tempfile
-
     import jax
 
     import sam_jax
@@ -280,18 +278,12 @@ def export_model(args) -> int:
 
     path = sam_jax.DEFAULT_CHECKPOINT if args.model == "default" else args.model
     model = with_edge_stage(sam_jax.load(path), args.workdir)
-    _, metadata = read_config(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        thresholds = None
-        if "generator_defaults" in metadata:
-            thresholds = os.path.join(tmp, "thresholds.json")
-            with open(thresholds, "w") as f:
-                json.dump(metadata["generator_defaults"], f)
-        return export(model.config, head_params(model.variables["params"]),
-                      jax.device_get(model.variables["buffers"]), args.export, args.onnx,
-                      quantized=True, thresholds_json=thresholds,
-                      source_note=", mask refiner by experiments/train_mask_refiner.py, edge "
-                      "stage by experiments/train_edge_refiner.py")
+    return export(model.config, head_params(model.variables["params"]),
+                  jax.device_get(model.variables["buffers"]), args.export, args.onnx,
+                  quantized=True, generator_defaults=read_config(path)[1].get(
+                      "generator_defaults"),
+                  source_note=", mask refiner by experiments/train_mask_refiner.py, edge "
+                  "stage by experiments/train_edge_refiner.py")
 
 
 def main(argv=None) -> int:

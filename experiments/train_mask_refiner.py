@@ -666,8 +666,6 @@ def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int
     script's), written as the head trainer's exports are (the backbone re-imported from the
     ONNX file: byte-identical, int8); the model's generator thresholds are kept (the generator
     filters on the decoder's own masks)."""
-    import tempfile
-
     import jax
 
     from sam_jax.checkpoints.converted import read_config
@@ -676,16 +674,10 @@ def export_refined(args, cfg, variables, rparams: dict, refiner_cfg=None) -> int
 
     refined_cfg = dataclasses.replace(cfg, mask_refiner=refiner_cfg or MaskRefinerConfig())
     trained = dict(jax.device_get(head_params(variables["params"])), mask_refiner=rparams)
-    _, metadata = read_config(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        thresholds = None
-        if "generator_defaults" in metadata:
-            thresholds = os.path.join(tmp, "thresholds.json")
-            with open(thresholds, "w") as f:
-                json.dump(metadata["generator_defaults"], f)
-        return export(refined_cfg, trained, jax.device_get(variables["buffers"]), args.export,
-                      args.onnx, quantized=True, thresholds_json=thresholds,
-                      source_note=", mask refiner by experiments/train_mask_refiner.py")
+    return export(refined_cfg, trained, jax.device_get(variables["buffers"]), args.export,
+                  args.onnx, quantized=True,
+                  generator_defaults=read_config(args.model)[1].get("generator_defaults"),
+                  source_note=", mask refiner by experiments/train_mask_refiner.py")
 
 
 def save_params(path: str, params) -> None:
