@@ -214,28 +214,27 @@ def _refiner_features(variables, images, image_embeddings, *, config):
 
 def edge_features(variables: Variables, images, *, config: SamConfig) -> Optional[jax.Array]:
     """(H, W, 3) or (B, H, W, 3) RGB images (uint8, or float in [0, 255]) at their ORIGINAL
-    size -> the edge stage's image features (B, H, W, width) on the device
-    (`SamConfig.edge_refiner`), or None for a model without one."""
+    size -> what the edge stage reads of them (`SamConfig.edge_refiner`): the images normalized
+    as the encoder's input, (B, H, W, 3) float32 on the device; None for a model without a
+    stage. (The stage's layers all run at each click, on the tiles around the outlines.)"""
     if config.edge_refiner is None:
         return None
     images = jnp.asarray(images)
-    return _edge_features(variables, images[None] if images.ndim == 3 else images,
-                          config=config)
+    return _edge_features(images[None] if images.ndim == 3 else images, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _edge_features(variables, images, *, config):
+def _edge_features(images, *, config):
     mean = jnp.asarray(config.pixel_mean, jnp.float32)
     std = jnp.asarray(config.pixel_std, jnp.float32)
-    pixels = (images.astype(jnp.float32) - mean) / std
-    return Sam(config).apply(variables, pixels, method="edge_features")
+    return (images.astype(jnp.float32) - mean) / std
 
 
 @functools.partial(jax.jit, static_argnames=("config", "threshold"))
 def refine_edges(variables: Variables, features: jax.Array, logits: jax.Array,
                  image_index: Optional[jax.Array] = None, *, config: SamConfig,
                  threshold: Optional[float] = None) -> jax.Array:
-    """The edge stage on masks at the original size: `edge_features` (N_img, H, W, width),
+    """The edge stage on masks at the original size: `edge_features` (N_img, H, W, 3),
     logits (P, C, H, W) from `postprocess_masks` and image_index (P,) (which image each row
     reads; all the first without it) -> (P, C, H, W) logits, or with `threshold` the masks
     `logits > threshold`."""

@@ -87,11 +87,9 @@ def test_the_tiled_stage_equals_the_dense_stage(tile, steps):
     image_index = jnp.array([0, 1, 1, 0, 1])
     params = {"params": perturbed(net.init(jax.random.key(2), images[:1], logits[None])["params"],
                                   3)}
-    features = net.apply(params, images, method="image_features")
-    dense = np.concatenate([np.asarray(net.apply(params, features[i][None], logits[j][None, None],
-                                                 method="refine"))[0]
+    dense = np.concatenate([np.asarray(net.apply(params, images[i][None], logits[j][None, None]))[0]
                             for j, i in enumerate(np.asarray(image_index))])
-    tiled = np.asarray(net.apply(params, features, logits, image_index, tile=tile,
+    tiled = np.asarray(net.apply(params, images, logits, image_index, tile=tile,
                                  tiles_per_step=steps, method="refine_tiles"))
     np.testing.assert_allclose(tiled, dense, rtol=0, atol=1e-5)
     moved = np.abs(dense - np.asarray(logits))
@@ -100,7 +98,7 @@ def test_the_tiled_stage_equals_the_dense_stage(tile, steps):
     assert moved[2].max() == 0 and moved[3].max() == 0
     # tiles of the same mask reading the wrong image would differ
     assert np.abs(dense[4] - np.asarray(net.apply(
-        params, features[0][None], logits[4][None, None], method="refine"))[0]).max() > 0.1
+        params, images[0][None], logits[4][None, None]))[0]).max() > 0.1
 
 
 @pytest.fixture(scope="module")

@@ -130,18 +130,14 @@ class Sam(nn.Module):
             coords = labels = None
         return self.mask_refiner.refine(refiner_features, low_res, coords, labels)
 
-    def edge_features(self, images):
-        """(B, H, W, 3) normalized images at their original size (unpadded) -> the edge
-        stage's image features (B, H, W, width), computed once per image."""
-        return self.edge_refiner.image_features(images)
-
-    def refine_edges(self, edge_features, logits, image_index):
-        """edge_features (I, H, W, width) of I images, logits (B, N, H, W) at the original size
-        and image_index (B,) (the image each row reads) -> (B, N, H, W) logits with the edge
-        stage's residual added (computed on the tiles around the outlines only)."""
+    def refine_edges(self, images, logits, image_index):
+        """images (I, H, W, 3) normalized at their original size (unpadded), logits (B, N, H,
+        W) over the same pixels and image_index (B,) (the image each row reads) -> (B, N, H, W)
+        logits with the edge stage's residual added (computed on the tiles around the
+        outlines only)."""
         b, n, h, w = logits.shape
         out = self.edge_refiner.refine_tiles(
-            edge_features, logits.reshape(b * n, h, w), jnp.repeat(image_index, n),
+            images, logits.reshape(b * n, h, w), jnp.repeat(image_index, n),
             tiles_per_step=tiles_per_step(jax.default_backend()))
         return out.reshape(b, n, h, w)
 
@@ -158,6 +154,5 @@ class Sam(nn.Module):
         if self.config.edge_refiner is not None:
             # over the images' pixels, as at the original size (only the shapes matter here)
             # (the dense network: the tiled one reads the weights this creates)
-            self.edge_refiner.refine(self.edge_features(images),
-                                     jnp.zeros((images.shape[0], 1) + images.shape[1:3]))
+            self.edge_refiner(images, jnp.zeros((images.shape[0], 1) + images.shape[1:3]))
         return out
