@@ -295,6 +295,28 @@ MESH_SCRIPT = textwrap.dedent("""
                                                **sizes).low_res_logits)).max() > 1e-3
     compare(predict_on_device(rep_vars, rep_emb, **sharded_prompts, config=mirror, mesh=mesh,
                               mirrored=mirrored, **sizes), single, p)
+    # a model with an edge stage (its tiled loop runs on each device's own prompts): its image
+    # input is replicated with the embeddings
+    from sam_jax.configs import EdgeRefinerConfig
+    edge = cfg.replace(edge_refiner=EdgeRefinerConfig(4, (1, 2)))
+    edge_vars = sam_jax.init_variables(edge, jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(5), 16))
+    edge_vars["params"]["edge_refiner"] = jax.tree.map(
+        lambda x: 0.3 * jax.random.normal(next(keys), x.shape), edge_vars["params"]["edge_refiner"])
+    edge_emb = inference.embed_images(edge_vars, images, config=edge)
+    photos = rng.integers(0, 256, (4, 150, 200, 3)).astype(np.uint8)
+    pixels = inference.edge_features(edge_vars, photos, config=edge)
+    single = predict_on_device(edge_vars, edge_emb, **prompts, config=edge,
+                               edge_features=pixels, **sizes)
+    plain = predict_on_device(edge_vars, edge_emb, **prompts, config=edge, **sizes)
+    assert (np.asarray(single.masks) != np.asarray(plain.masks)).mean() > 1e-3
+    rep_edge_vars = sharding.replicate(edge_vars, mesh)
+    rep_edge_emb = sharding.replicate(edge_emb, mesh)
+    compare(predict_on_device(rep_edge_vars, rep_edge_emb, **sharded_prompts, config=edge,
+                              mesh=mesh, edge_features=sharding.replicate(pixels, mesh),
+                              **sizes), single, p)
+    compare(predict_on_device(rep_edge_vars, rep_edge_emb, **sharded_prompts, config=edge,
+                              edge_features=sharding.replicate(pixels, mesh), **sizes), single, p)
     print("OK")
 """)
 
@@ -303,8 +325,8 @@ def test_sharded_on_8_cpu_devices_equals_one_device():
     """Prompts sharded along P over the `data` axis, variables and embeddings replicated
     (under the transfer guard); the outputs stay sharded along P (2 prompts a device) and
     equal the one-device result; so do the same inputs without `mesh=` and 3 prompts padded
-    to 8 on the mesh, and a model averaging over the mirror images (observed max abs
-    difference 0 to ~1e-7; mask agreement 1.0)."""
+    to 8 on the mesh, a model averaging over the mirror images and one with an edge stage
+    (observed max abs difference 0 to ~1e-7; mask agreement 1.0)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
