@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/edge_train")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4, 1])
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--peak-lr", type=float, default=2e-3)
     p.add_argument("--check-every", type=int, default=500)
