@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import sam_jax
-    from sam_jax.modeling.edge_refiner import EdgeRefiner, outline_band, tiles_per_step
+    from sam_jax.modeling.edge_refiner import (EdgeRefiner, active_tiles,
+                                              default_tiles_per_step, outline_band)
 
     model = sam_jax.load()
     stage = model.config.edge_refiner
@@ -65,16 +66,14 @@ def main(argv=None) -> int:
     predictor.set_image(image)
     pixels = sam_jax.inference.edge_features(model.variables, image, config=model.config)
     backend = jax.default_backend()
-    steps = sorted(set(args.steps) | {tiles_per_step(backend)})
+    steps = sorted(set(args.steps) | {default_tiles_per_step(backend)})
 
     dense = jax.jit(lambda px, lg: net.apply(params, px, lg[None])[0])
     tiled = {k: jax.jit(functools.partial(
         lambda px, lg, k: net.apply(params, px, lg, jnp.zeros(lg.shape[0], jnp.int32),
                                     tiles_per_step=k, method="refine_tiles"), k=k))
         for k in steps}
-    count = jax.jit(lambda lg: jnp.pad(outline_band(lg), (
-        (0, 0), (0, -h % 16), (0, -w % 16))).reshape(
-        lg.shape[0], -(-h // 16), 16, -(-w // 16), 16).any(axis=(2, 4)).sum())
+    count = jax.jit(lambda lg: active_tiles(outline_band(lg), 16).sum())
     rng = np.random.default_rng(0)
     seconds = {"dense": []} | {k: [] for k in steps}
     worst, active = 0.0, []
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
              f"| dense, every pixel | {base:.4f} | 1.00 |"]
     for k in steps:
         sec = float(np.median(seconds[k]))
-        chosen = " (this backend's default)" if k == tiles_per_step(backend) else ""
+        chosen = " (this backend's default)" if k == default_tiles_per_step(backend) else ""
         lines.append(f"| tiled, {k} tiles a step{chosen} | {sec:.4f} | {sec / base:.2f} |")
     text = "\n".join(lines)
     print(text)

@@ -18,7 +18,8 @@ from sam_jax import configs, device_predict, inference
 from sam_jax.configs import EdgeRefinerConfig, MaskRefinerConfig, SamConfig
 from sam_jax.evaluation.edges import EdgeOptions, soft_edges
 from sam_jax.inference import SamModel
-from sam_jax.modeling.edge_refiner import BAND, MAX_RESIDUAL, EdgeRefiner, tiles_per_step
+from sam_jax.modeling.edge_refiner import (BAND, MAX_RESIDUAL, EdgeRefiner,
+                                          default_tiles_per_step)
 from sam_jax.predictor import SamPredictor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -67,8 +68,8 @@ def test_the_stage_changes_only_pixels_near_the_shown_outline():
         assert (far <= BAND).sum() < 0.5 * far.size  # the band is not the whole image
 
 
-@pytest.mark.parametrize("tile,steps", [(16, 1), (16, 5), (16, tiles_per_step("cpu")),
-                                        (16, tiles_per_step("gpu")), (7, 3)])
+@pytest.mark.parametrize("tile,steps", [(16, 1), (16, 5), (16, default_tiles_per_step("cpu")),
+                                        (16, default_tiles_per_step("gpu")), (7, 3)])
 def test_the_tiled_stage_equals_the_dense_stage(tile, steps):
     """`refine_tiles` (what inference runs: only the tiles around the outlines) gives the dense
     network's logits: tiles cut by the image's border, outlines touching it, masks without an

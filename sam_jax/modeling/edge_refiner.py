@@ -40,13 +40,22 @@ MAX_RESIDUAL = 8.0
 BAND = 3
 
 
-def tiles_per_step(backend: str) -> int:
+def default_tiles_per_step(backend: str) -> int:
     """How many tiles `EdgeRefiner.refine_tiles` runs at once on `backend`. A CPU works
     through a step's tiles one after another, so the unused tiles of the last step are wasted
     work: small steps (32 measured fastest of 16/32/64 on the truck). An accelerator runs a
     step's tiles at once and pays a launch and a host read of the loop's condition per step:
     large steps, so one or two steps cover a photo's masks."""
     return 32 if backend == "cpu" else 512
+
+
+def active_tiles(band: jax.Array, tile: int) -> jax.Array:
+    """(M, H, W) bool band -> (M, ceil(H / tile), ceil(W / tile)) bool: which tile x tile
+    squares (the last row and column cut by the image's border) hold a band pixel."""
+    m, h, w = band.shape
+    rows, cols = -(-h // tile), -(-w // tile)
+    padded = jnp.pad(band, ((0, 0), (0, rows * tile - h), (0, cols * tile - w)))
+    return padded.reshape(m, rows, tile, cols, tile).any(axis=(2, 4))
 
 
 def outline_band(logits: jax.Array, radius: int = BAND) -> jax.Array:
@@ -109,7 +118,7 @@ class EdgeRefiner(nn.Module):
         return logits + jnp.where(outline_band(logits), bounded, 0.0)
 
     def refine_tiles(self, images: jax.Array, logits: jax.Array, image_index: jax.Array, *,
-                     tile: int = 16, tiles_per_step: int = 64) -> jax.Array:
+                     tile: int = 16, tiles_per_step: int | None = None) -> jax.Array:
         """`__call__` computed on the tiles holding the band only: images (I, H, W, 3)
         normalized, logits (M, H, W) and image_index (M,) (the image each mask reads) -> (M,
         H, W) logits, equal to the dense network's up to float rounding.
@@ -119,16 +128,19 @@ class EdgeRefiner(nn.Module):
         convolutions, so each layer shrinks the window by what it reads until the output is
         the tile itself. Activations outside the image are kept at zero, as the dense
         network's zero padding has them. Other tiles keep their logits: outside the band the
-        residual is not applied."""
+        residual is not applied. `tiles_per_step` defaults to the backend's
+        (`default_tiles_per_step`)."""
         m, h, w = logits.shape
         radius = self.radius
+        if tiles_per_step is None:
+            tiles_per_step = default_tiles_per_step(jax.default_backend())
         logits = logits.astype(jnp.float32)
         band = outline_band(logits)
-        rows, cols = -(-h // tile), -(-w // tile)
+        active = active_tiles(band, tile)
+        _, rows, cols = active.shape
         per_mask = rows * cols
         total = m * per_mask
-        active = jnp.pad(band, ((0, 0), (0, rows * tile - h), (0, cols * tile - w))).reshape(
-            m, rows, tile, cols, tile).any(axis=(2, 4)).reshape(total)
+        active = active.reshape(total)
         count = active.sum()
         # the active tiles' ids in order, then `total` (past the last mask: its pixels are
         # not written) to fill the last step

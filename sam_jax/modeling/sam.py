@@ -6,14 +6,13 @@ per stage so each stage can be applied (and jitted) on its own:
 `embed_image`, `encode_prompts`, `encode_tokens`, `dense_pe`, `decode`.
 """
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from ..configs import Dinov2EncoderConfig, SamConfig
 from .dinov2_encoder import Dinov2ImageEncoder
 from .image_encoder import ImageEncoderViT
-from .edge_refiner import EdgeRefiner, tiles_per_step
+from .edge_refiner import EdgeRefiner
 from .mask_decoder import MaskDecoder
 from .mask_refiner import MaskRefiner
 from .prompt_encoder import PromptEncoder
@@ -136,9 +135,8 @@ class Sam(nn.Module):
         logits with the edge stage's residual added (computed on the tiles around the
         outlines only)."""
         b, n, h, w = logits.shape
-        out = self.edge_refiner.refine_tiles(
-            images, logits.reshape(b * n, h, w), jnp.repeat(image_index, n),
-            tiles_per_step=tiles_per_step(jax.default_backend()))
+        out = self.edge_refiner.refine_tiles(images, logits.reshape(b * n, h, w),
+                                             jnp.repeat(image_index, n))
         return out.reshape(b, n, h, w)
 
     def __call__(self, images, coords, labels, mask_inputs):
